@@ -1,0 +1,38 @@
+"""Per-image randomness: each image owns a generator, so an image depends on its seed only.
+
+A sampler receives ``generator`` as None (torch's default generator), one ``torch.Generator`` for
+the whole batch, or a sequence of generators, one per image. With one generator per image, image k
+draws its initial noise and every later step's noise from its own stream, so the same seed gives
+the same image whatever the batch size or the batch it lands in.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for image ``index`` of a run with base ``seed``."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def randn(shape: Sequence[int], generator: Generators, *, dtype=torch.float32, device="cpu") -> Tensor:
+    """Standard normal noise of ``shape`` (batch first) drawn from ``generator`` as described above."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=device) for g in generator])
+
+
+def randn_like(x: Tensor, generator: Generators) -> Tensor:
+    return randn(x.shape, generator, dtype=x.dtype, device=x.device)

@@ -1,0 +1,299 @@
+"""The noise schedule: everything that depends on beta_t and nothing that depends on a network.
+
+Forward process (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 4):
+
+    x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,    abar_t = prod_{s<=t} (1 - beta_s)
+
+Timesteps are 0-based: ``t = 0`` is the first noising step and ``t = T - 1`` the last, as in
+improved-diffusion and diffusers. We also use the variance-exploding view of the same process
+(Karras et al. 2022): ``sigma_t = sqrt((1 - abar_t) / abar_t)``, so that ``x_t / sqrt(abar_t) =
+x_0 + sigma_t * eps``; samplers and grids speak sigma, and ``sigma = 0`` is the data end.
+
+All tables are built once in float64 from the betas and kept in float64 (they are tiny: T
+numbers each). Lookups cast to the dtype of the tensor they are applied to, so training and
+sampling run in float32 or bf16 while the schedule itself never accumulates rounding error
+(``cumprod`` in float32 drifts visibly at T = 1000).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from difflab.errors import ConfigError, parse_choice
+
+F64 = torch.float64
+
+
+class BetaSchedule(str, Enum):
+    LINEAR = "linear"  # Ho et al. 2020
+    COSINE = "cosine"  # Nichol & Dhariwal 2021, eq. 17
+    QUADRATIC = "quadratic"  # linear in sqrt(beta) (DDPM code's "quad")
+    SIGMOID = "sigmoid"  # sigmoid(linspace(-6, 6)) mapped onto [beta_start, beta_end]
+    SIGMOID_ALPHABAR = "sigmoid-alphabar"  # Jabri et al. 2022, sigmoid schedule on abar
+
+
+class VarianceType(str, Enum):
+    """The two fixed reverse-process variances of Ho et al. 2020, section 3.2."""
+
+    FIXED_SMALL = "fixed-small"  # posterior variance beta~_t (optimal for deterministic x_0)
+    FIXED_LARGE = "fixed-large"  # beta_t (optimal for x_0 ~ N(0, I))
+
+
+class Prediction(str, Enum):
+    """What the network predicts."""
+
+    EPS = "eps"
+    X0 = "x0"
+    V = "v"  # Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x_0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Everything needed to rebuild a schedule.
+
+    ``beta_start``/``beta_end`` are the DDPM values for T = 1000; the beta-range schedules
+    (linear, quadratic, sigmoid) scale them by ``1000 / T`` so that other T trace the same
+    abar curve (improved-diffusion does this for linear; we do it for all three so that T is
+    a resolution, not a different process). ``cosine_s`` is the cosine offset; ``sigmoid_start``,
+    ``sigmoid_end``, ``sigmoid_tau`` parametrise the abar-sigmoid schedule.
+    """
+
+    kind: BetaSchedule = BetaSchedule.LINEAR
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cosine_s: float = 0.008
+    sigmoid_start: float = -3.0
+    sigmoid_end: float = 3.0
+    sigmoid_tau: float = 1.0
+    max_beta: float = 0.999
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", parse_choice(BetaSchedule, self.kind, "noise schedule"))
+        if not isinstance(self.timesteps, int) or self.timesteps < 1:
+            raise ConfigError(f"schedule timesteps must be a positive integer, got {self.timesteps!r}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(
+                f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}"
+            )
+        if self.beta_end * 1000 / self.timesteps >= 1 and self.kind in _BETA_RANGE_KINDS:
+            raise ConfigError(
+                f"timesteps={self.timesteps} is too few for a {self.kind.value} schedule: "
+                f"beta_end scaled by 1000/T reaches {self.beta_end * 1000 / self.timesteps:.3g} >= 1"
+            )
+        if self.sigmoid_tau <= 0 or self.sigmoid_start >= self.sigmoid_end:
+            raise ConfigError("sigmoid-alphabar needs sigmoid_start < sigmoid_end and sigmoid_tau > 0")
+        if not 0 < self.max_beta < 1:
+            raise ConfigError(f"max_beta must be in (0, 1), got {self.max_beta}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScheduleConfig":
+        return cls(**d)
+
+
+_BETA_RANGE_KINDS = (BetaSchedule.LINEAR, BetaSchedule.QUADRATIC, BetaSchedule.SIGMOID)
+
+
+def _betas_from_alpha_bar(alpha_bar: Tensor, max_beta: float) -> Tensor:
+    """beta_i = 1 - abar(i+1)/abar(i) for a continuous abar sampled at i = 0..T, clipped."""
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def make_betas(cfg: ScheduleConfig) -> Tensor:
+    """The betas of ``cfg`` as a float64 tensor of length T."""
+    T = cfg.timesteps
+    scale = 1000.0 / T
+    lo, hi = cfg.beta_start * scale, cfg.beta_end * scale
+    if cfg.kind is BetaSchedule.LINEAR:
+        return torch.linspace(lo, hi, T, dtype=F64)
+    if cfg.kind is BetaSchedule.QUADRATIC:
+        return torch.linspace(math.sqrt(lo), math.sqrt(hi), T, dtype=F64) ** 2
+    if cfg.kind is BetaSchedule.SIGMOID:
+        return torch.sigmoid(torch.linspace(-6, 6, T, dtype=F64)) * (hi - lo) + lo
+    u = torch.linspace(0, 1, T + 1, dtype=F64)  # continuous time t/T at i = 0..T
+    if cfg.kind is BetaSchedule.COSINE:
+        s = cfg.cosine_s
+        f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        return _betas_from_alpha_bar(f / f[0], cfg.max_beta)
+    # SIGMOID_ALPHABAR: Jabri et al. 2022 ("Scalable Adaptive Computation for Iterative
+    # Generation"), gamma(t) = (-sigmoid((t (end - start) + start) / tau) + v_end) / (v_end - v_start).
+    start, end, tau = cfg.sigmoid_start, cfg.sigmoid_end, cfg.sigmoid_tau
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=F64)), torch.sigmoid(torch.tensor(end / tau, dtype=F64))
+    gamma = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
+    return _betas_from_alpha_bar(gamma.clamp(min=0.0), cfg.max_beta)
+
+
+def _gather(table: Tensor, t: Tensor | int | float, like: Tensor) -> Tensor:
+    """``table[t]`` for integer t, shaped to broadcast against ``like`` (B, 1, 1, ...) in its dtype."""
+    t = torch.as_tensor(t, device=table.device)
+    out = table[t.long()]
+    out = out.reshape(out.shape + (1,) * (like.ndim - out.ndim)) if out.ndim else out
+    return out.to(device=like.device, dtype=like.dtype)
+
+
+def broadcast_to(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-example (B,) or scalar tensor to broadcast against ``like``, in its dtype."""
+    v = torch.as_tensor(v)
+    if v.ndim:
+        v = v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+    return v.to(device=like.device, dtype=like.dtype)
+
+
+# Conversions between the three parametrisations, for any abar (a tensor broadcastable to x).
+# They are exact algebra: eps <-> x0 <-> v round-trip to float precision.
+def x0_from_eps(x_t: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, abar: Tensor) -> Tensor:
+    return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def v_from_x0_eps(x0: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+
+def x0_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
+    return abar.sqrt() * x_t - (1 - abar).sqrt() * v
+
+
+def eps_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
+    return (1 - abar).sqrt() * x_t + abar.sqrt() * v
+
+
+class NoiseSchedule:
+    """A discrete diffusion schedule of T steps, with every derived table in float64.
+
+    Build it from a config (``NoiseSchedule(ScheduleConfig(...))`` or
+    ``NoiseSchedule.from_name("cosine", 1000)``) or from explicit betas
+    (``NoiseSchedule.from_betas``). ``timestep_map[i]`` is the original training timestep of step
+    i: the identity for a fresh schedule, the kept timesteps for a respaced one.
+    """
+
+    def __init__(self, config: ScheduleConfig | None = None) -> None:
+        self.config = config or ScheduleConfig()
+        self._build(make_betas(self.config), torch.arange(self.config.timesteps, dtype=F64))
+
+    @classmethod
+    def from_name(cls, kind: str | BetaSchedule, timesteps: int = 1000, **kwargs) -> "NoiseSchedule":
+        return cls(ScheduleConfig(kind=kind, timesteps=timesteps, **kwargs))
+
+    @classmethod
+    def from_betas(cls, betas: Tensor, timestep_map: Tensor | None = None, config: ScheduleConfig | None = None) -> "NoiseSchedule":
+        self = cls.__new__(cls)
+        self.config = config or ScheduleConfig(timesteps=len(betas))
+        betas = torch.as_tensor(betas, dtype=F64)
+        self._build(betas, torch.arange(len(betas), dtype=F64) if timestep_map is None else torch.as_tensor(timestep_map, dtype=F64))
+        return self
+
+    def _build(self, betas: Tensor, timestep_map: Tensor) -> None:
+        if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ConfigError("betas must be a non-empty 1-D sequence in (0, 1)")
+        self.num_timesteps = len(betas)
+        self.timestep_map = timestep_map
+        self.betas = betas
+        self.alphas = 1 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=F64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        self.sigmas = (1 / self.snr).sqrt()  # VE noise level: x_t / sqrt(abar) = x_0 + sigma eps
+        self.log_sigmas = self.sigmas.log()
+        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t): Ho et al. eqs. 6-7.
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # beta~_0 = 0; log-clipping repeats beta~_1 there (improved-diffusion's convention).
+        first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = torch.cat([first.reshape(1), self.posterior_variance[1:]]).log()
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.config.kind.value}, T={self.num_timesteps})"
+
+    # -- the forward process -------------------------------------------------------------
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0) with the given noise; ``t`` is an integer tensor of shape (B,)."""
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0, _gather(1 - self.alphas_cumprod, t, x0)
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, _gather(self.posterior_variance, t, x_t), _gather(self.posterior_log_variance_clipped, t, x_t)
+
+    def reverse_variance(self, kind: VarianceType | str) -> tuple[Tensor, Tensor]:
+        """The fixed reverse-process variance and its log for every t (float64, length T).
+
+        fixed-small is beta~_t (log clipped at t = 0); fixed-large is beta_t with its first entry
+        replaced by beta~_1, so that the log-likelihood term at t = 0 is finite (Ho et al.;
+        improved-diffusion ``gaussian_diffusion.py``).
+        """
+        kind = parse_choice(VarianceType, kind, "variance type")
+        if kind is VarianceType.FIXED_SMALL:
+            return self.posterior_variance, self.posterior_log_variance_clipped
+        large = torch.cat([self.posterior_variance[1:2], self.betas[1:]]) if self.num_timesteps > 1 else self.betas
+        return large, large.log()
+
+    # -- continuous-time lookups (fractional t, for ODE-solver grids) ---------------------
+    def sigma_at(self, t: Tensor | float) -> Tensor:
+        """sigma at a possibly fractional timestep, interpolating log-sigma linearly between
+        integer steps (k-diffusion's ``DiscreteSchedule.t_to_sigma``); exact at integers."""
+        t = torch.as_tensor(t, dtype=F64).clamp(0, self.num_timesteps - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+        w = t - lo
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+
+    def alpha_bar_at(self, t: Tensor | float) -> Tensor:
+        """abar at a possibly fractional timestep (float64), consistent with :meth:`sigma_at`."""
+        return 1 / (1 + self.sigma_at(t) ** 2)
+
+    def t_at_sigma(self, sigma: Tensor | float) -> Tensor:
+        """Inverse of :meth:`sigma_at`: the fractional timestep whose sigma is ``sigma`` (clamped)."""
+        log_sigma = torch.as_tensor(sigma, dtype=F64).log()
+        ls = self.log_sigmas
+        idx = torch.searchsorted(ls, log_sigma.clamp(ls[0], ls[-1]).reshape(-1)).clamp(1, len(ls) - 1)
+        lo_v, hi_v = ls[idx - 1], ls[idx]
+        w = ((log_sigma.reshape(-1) - lo_v) / (hi_v - lo_v)).clamp(0, 1)
+        return ((idx - 1).to(F64) + w).reshape(log_sigma.shape)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    # -- respacing ------------------------------------------------------------------------
+    def respace(self, timesteps: Sequence[int] | Tensor) -> "NoiseSchedule":
+        """A shorter schedule that visits only ``timesteps`` (of this schedule).
+
+        Its abar at step i equals this schedule's abar at ``timesteps[i]``, and its betas are
+        rebuilt from those: beta'_i = 1 - abar[k_i] / abar[k_{i-1}] (improved-diffusion
+        ``respace.py``). ``timestep_map`` maps each new step back to the original training
+        timestep, which is what the network must be given.
+        """
+        kept = torch.as_tensor(list(timesteps) if not isinstance(timesteps, Tensor) else timesteps).long()
+        kept = torch.unique(kept)  # sorted ascending, duplicates removed
+        if len(kept) == 0 or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+            raise ConfigError(f"respacing needs timesteps in [0, {self.num_timesteps - 1}]")
+        abar = self.alphas_cumprod[kept]
+        prev = torch.cat([torch.ones(1, dtype=F64), abar[:-1]])
+        return NoiseSchedule.from_betas(1 - abar / prev, self.timestep_map[kept], self.config)
