@@ -1,0 +1,299 @@
+"""The UNet network, its config and presets (difflab.models)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from difflab.errors import ConfigError, DifflabError
+from difflab.models import PRESETS, BlockType, UNet, UNetConfig, unet_config
+from difflab.models.layers import LinearAttention, SelfAttention, timestep_embedding
+
+# Ho et al. 2020's CIFAR-10 model as counted in the original TF code (diffusion_tf), and as quoted by
+# its PyTorch ports: 35,746,307 parameters ("35.7M" in the paper).
+DDPM_CIFAR10_PARAMS = 35_746_307
+
+
+def wake(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the zero-initialised weights random values, so that every parameter affects the output.
+
+    A fresh UNet outputs exactly zero (its output conv starts at zero), which would make most
+    behavioural checks vacuous.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return model
+
+
+def scaled_down(preset: str, size: int, **overrides) -> UNetConfig:
+    """``preset`` at a smaller image size, with attention kept at the same levels."""
+    cfg = PRESETS[preset]
+    ratio = cfg.image_size // size
+    return unet_config(
+        preset,
+        image_size=size,
+        attention_resolutions=tuple(r // ratio for r in cfg.attention_resolutions),
+        linear_attention_resolutions=tuple(r // ratio for r in cfg.linear_attention_resolutions),
+        **overrides,
+    )
+
+
+def tiny(**overrides) -> UNet:
+    return wake(UNet(unet_config("tiny", **overrides)))
+
+
+# Variants of `tiny` covering every layer type: ConvNeXt blocks and linear attention.
+VARIANTS = {
+    "resnet": {},
+    "convnext+linear": {"block": "convnext", "linear_attention_resolutions": (16,)},
+}
+
+
+def images(batch: int, channels: int = 3, size: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_maps_images_to_their_own_shape(preset, channels):
+    size = 16 if preset != "ddpm-cifar10" else 8  # ddpm-cifar10 at 8 px: levels 8, 4, 2, 1
+    model = wake(UNet(scaled_down(preset, size, in_channels=channels))).eval()
+    x = images(2, channels, size)
+    with torch.no_grad():
+        out = model(x, torch.tensor([3.0, 700.5]))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+
+
+def test_tiny_preset_is_small():
+    assert UNet(PRESETS["tiny"]).num_parameters() < 500_000
+
+
+def test_ddpm_cifar10_has_the_papers_parameter_count():
+    with torch.device("meta"):  # counting only: no memory, no init time
+        model = UNet(PRESETS["ddpm-cifar10"])
+    count = model.num_parameters()
+    print(f"ddpm-cifar10: {count:,} parameters")
+    assert abs(count - 35.7e6) / 35.7e6 < 0.01
+    assert count == DDPM_CIFAR10_PARAMS
+
+
+def test_fresh_network_outputs_zero():
+    """The output conv is zero-initialised (DDPM's init_scale=0.), so the first prediction is 0."""
+    model = UNet(PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        out = model(images(2), 5.0)
+    assert torch.count_nonzero(out) == 0
+
+
+# -------------------------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train-no-dropout"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_output_does_not_depend_on_the_rest_of_the_batch(variant, train):
+    """No layer mixes examples (GroupNorm/LayerNorm, not BatchNorm), in eval mode and in training."""
+    model = tiny(dropout=0.0, **VARIANTS[variant]).train(train)
+    x, t = images(4), torch.tensor([1.0, 250.0, 999.0, 42.5])
+    with torch.no_grad():
+        together = model(x, t)
+        alone = model(x[2:3], t[2:3])
+    torch.testing.assert_close(together[2:3], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_changes_the_output_and_a_scalar_broadcasts():
+    model = tiny().eval()
+    x = images(2)
+    with torch.no_grad():
+        out_10 = model(x, torch.tensor([10.0, 10.0]))
+        out_scalar = model(x, 10.0)
+        out_frac = model(x, 10.5)
+        out_500 = model(x, torch.tensor([500.0, 500.0]))
+    torch.testing.assert_close(out_scalar, out_10)
+    assert (out_10 - out_500).abs().max() > 1e-3
+    assert (out_10 - out_frac).abs().max() > 1e-5  # fractional timesteps are not rounded
+
+
+def test_timestep_embedding_is_the_ddpm_sinusoid():
+    t = torch.tensor([0.0, 1.0, 17.25, 999.0])
+    dim, half = 32, 16
+    emb = timestep_embedding(t, dim)
+    assert emb.shape == (4, dim) and emb.dtype == torch.float32
+    # f_0 = 1 and f_{half-1} = 1/10000: sin and cos of t at both ends of the spectrum.
+    torch.testing.assert_close(emb[:, 0], torch.sin(t))
+    torch.testing.assert_close(emb[:, half], torch.cos(t))
+    torch.testing.assert_close(emb[:, half - 1], torch.sin(t / 10000))
+    torch.testing.assert_close(emb[:, dim - 1], torch.cos(t / 10000))
+    i = 5
+    torch.testing.assert_close(emb[:, i], torch.sin(t * 10000 ** (-i / (half - 1))))
+
+
+def test_class_labels_condition_the_output():
+    model = tiny(num_classes=10).eval()
+    x = images(2)
+    with torch.no_grad():
+        cat = model(x, 100.0, torch.tensor([3, 3]))
+        dog = model(x, 100.0, torch.tensor([5, 5]))
+        null = model(x, 100.0, torch.tensor([model.null_class] * 2))
+        unconditional = model(x, 100.0)
+    assert model.null_class == 10
+    assert (cat - dog).abs().max() > 1e-3
+    torch.testing.assert_close(unconditional, null)  # None means the null label
+    with pytest.raises(DifflabError, match=r"0\.\.10"):
+        model(x, 100.0, torch.tensor([3, 11]))
+    with pytest.raises(DifflabError, match="integers of shape"):
+        model(x, 100.0, torch.tensor([3.0, 1.0]))
+    with pytest.raises(DifflabError, match="unconditional"):
+        tiny()(x, 100.0, torch.tensor([0, 1]))
+
+
+def test_bad_inputs_raise_one_line_errors():
+    model = tiny().eval()
+    with pytest.raises(DifflabError, match=r"\(B, 3, H, W\)"):
+        model(images(1, channels=1), 1.0)
+    with pytest.raises(DifflabError, match="divisible by 2"):
+        model(torch.randn(1, 3, 15, 16), 1.0)
+    with pytest.raises(DifflabError, match=r"shape \(2,\)"):
+        model(images(2), torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_parameter_gets_a_gradient(variant):
+    model = tiny(num_classes=2, **VARIANTS[variant]).train()
+    out = model(images(2), torch.tensor([5.0, 600.0]), torch.tensor([0, 2]))
+    out.square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+# ------------------------------------------------------------------------------------ attention layers
+
+
+def test_self_attention_matches_the_softmax_formula():
+    torch.manual_seed(0)
+    layer = wake(SelfAttention(channels=8, head_channels=4, groups=2))
+    x = torch.randn(2, 8, 3, 5)
+    tokens = layer.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+    q, k, v = layer.qkv(tokens).chunk(3, dim=-1)
+    heads = []
+    for h in range(2):  # explicit per-head softmax(q k^T / sqrt(d)) v
+        s = slice(4 * h, 4 * h + 4)
+        weights = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / 2.0, dim=-1)
+        heads.append(weights @ v[..., s])
+    expected = x + layer.proj(torch.cat(heads, dim=-1)).transpose(1, 2).reshape(2, 8, 3, 5)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_linear_attention_equals_its_quadratic_form():
+    """out_n = sum_m (q_n . k_m) v_m with q softmaxed over features and k over pixels (Shen et al.)."""
+    torch.manual_seed(0)
+    layer = wake(LinearAttention(channels=8, head_channels=4, groups=2))
+    x = torch.randn(2, 8, 4, 4)
+    tokens = layer.norm(x).flatten(2).transpose(1, 2)
+    q, k, v = layer.qkv(tokens).chunk(3, dim=-1)
+    heads = []
+    for h in range(2):
+        s = slice(4 * h, 4 * h + 4)
+        qh = torch.softmax(q[..., s], dim=-1) * 4**-0.5
+        kh = torch.softmax(k[..., s], dim=1)
+        heads.append((qh @ kh.transpose(1, 2)) @ v[..., s])  # the N x N attention matrix, explicitly
+    expected = x + layer.proj(torch.cat(heads, dim=-1)).transpose(1, 2).reshape(2, 8, 4, 4)
+    torch.testing.assert_close(layer(x), expected)
+
+
+# ------------------------------------------------------------------------------- CPU speed paths
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_channels_last_and_bf16_autocast(variant):
+    model = tiny(**VARIANTS[variant]).eval()
+    x, t = images(2), torch.tensor([20.0, 800.0])
+    with torch.no_grad():
+        reference = model(x, t)
+        model_cl = model.to(memory_format=torch.channels_last)
+        x_cl = x.to(memory_format=torch.channels_last)
+        out_cl = model_cl(x_cl, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf16 = model_cl(x_cl, t)
+    assert out_cl.shape == x.shape and out_bf16.shape == x.shape
+    assert out_bf16.dtype == torch.float32  # the output comes back in the input's dtype
+    assert torch.isfinite(out_cl).all() and torch.isfinite(out_bf16).all()
+    torch.testing.assert_close(out_cl, reference, rtol=1e-4, atol=1e-4)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per op); through ~20 layers we allow
+    # a 5% relative L2 error against float32.
+    rel = (out_bf16 - reference).norm() / reference.norm()
+    assert rel < 0.05, f"bf16 relative error {rel:.4f}"
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+ROUND_TRIP_CONFIGS = [
+    *PRESETS.values(),
+    UNetConfig(block="convnext", num_classes=10, linear_attention_resolutions=(32,), dropout=0),
+]
+
+
+@pytest.mark.parametrize("cfg", ROUND_TRIP_CONFIGS, ids=[*PRESETS, "custom"])
+def test_config_round_trips_through_json(cfg):
+    back = UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert isinstance(back.channel_mults, tuple) and isinstance(back.attention_resolutions, tuple)
+    assert isinstance(back.linear_attention_resolutions, tuple)
+    assert isinstance(back.block, BlockType) and isinstance(back.dropout, float)
+
+
+def test_config_normalises_lists_and_strings():
+    cfg = UNetConfig(channel_mults=[1, 2, 2], attention_resolutions=[16], block="convnext")
+    assert cfg.channel_mults == (1, 2, 2) and cfg.attention_resolutions == (16,)
+    assert cfg.block is BlockType.CONVNEXT
+    assert cfg == UNetConfig(channel_mults=(1, 2, 2), block=BlockType.CONVNEXT)
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) == {"tiny", "small", "default", "ddpm-cifar10"}
+    cfg = unet_config("default", image_size=64)
+    assert cfg.image_size == 64 and cfg.base_channels == 64 and cfg.channel_mults == (1, 2, 4)
+    with pytest.raises(ConfigError, match="'tiny', 'small', 'default', 'ddpm-cifar10'"):
+        unet_config("huge")
+    with pytest.raises(ConfigError, match="unknown UNetConfig field.*'channels'"):
+        unet_config("tiny", channels=8)
+    with pytest.raises(ConfigError, match="'width'"):
+        UNetConfig.from_dict({"width": 3})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"in_channels": 2}, "in_channels must be 1 or 3"),
+        ({"in_channels": 3.0}, "in_channels must be 1 or 3"),
+        ({"image_size": 30}, "image_size=30 must be divisible by 4"),
+        ({"norm_groups": 24}, "norm_groups=24 must divide base_channels=64"),
+        ({"attention_resolutions": (12,)}, "attention_resolutions: 12 is not a feature-map size .* 32, 16, 8"),
+        ({"linear_attention_resolutions": (64,)}, "linear_attention_resolutions: 64 is not"),
+        ({"linear_attention_resolutions": (16,)}, r"both list \[16\]"),
+        ({"block": "transformer"}, "unknown UNetConfig.block 'transformer'; choose one of 'resnet', 'convnext'"),
+        ({"head_channels": 48}, "head_channels=48 must divide the 128 channels at resolution 16"),
+        ({"head_channels": 256, "attention_resolutions": ()}, "head_channels=256 must divide the 128 .* middle"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+        ({"num_classes": -1}, "num_classes must be >= 0"),
+        ({"channel_mults": ()}, "channel_mults must have at least one entry"),
+        ({"channel_mults": (1, 0)}, "channel_mults must hold integers >= 1"),
+        ({"num_res_blocks": 0}, "num_res_blocks must be >= 1"),
+        ({"base_channels": 64.0}, "base_channels must be an integer"),
+        ({"image_size": True}, "image_size must be an integer"),
+    ],
+)
+def test_invalid_configs_raise_clear_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        UNetConfig(**overrides)
+    assert "\n" not in str(info.value)
