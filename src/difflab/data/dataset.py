@@ -1,0 +1,99 @@
+"""One entry point for training data: a built-in data set name or a folder of images.
+
+Images are kept as uint8 (N x C x H x W) in memory; :func:`to_float` turns a batch into the
+[-1, 1] floats the models see, and :func:`to_uint8` turns model output back into pixels.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difflab.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
+from difflab.data.images import _check_channels, _check_size, load_folder
+from difflab.errors import DataError
+
+__all__ = ["BUILTIN_DATASETS", "ImageData", "load_dataset", "resize_uint8", "to_float", "to_uint8"]
+
+#: Names :func:`load_dataset` understands besides folder paths.
+BUILTIN_DATASETS = ("fashion-mnist",)
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Training images (uint8, N x C x H x W, contiguous), optional int64 labels, and provenance."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    source: str
+    num_skipped: int
+
+
+def to_float(u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels 0..255 -> floats in [-1, 1] (0 -> -1, 255 -> 1), keeping the memory format."""
+    if u8.dtype != torch.uint8:
+        raise TypeError(f"to_float expects uint8 pixels, got {u8.dtype}")
+    return u8.to(dtype) / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] -> uint8 pixels: scaled, rounded to nearest, clamped to 0..255.
+
+    ``to_uint8(to_float(u))`` equals ``u`` exactly; NaN becomes 0.
+    """
+    y = ((x.float() + 1.0) * 127.5).round().clamp(0.0, 255.0)
+    return torch.nan_to_num(y, nan=0.0).to(torch.uint8)
+
+
+def resize_uint8(images: torch.Tensor, size: int, *, batch: int = 4096) -> torch.Tensor:
+    """Resize uint8 N x C x H x W images to size x size with antialiased bicubic interpolation."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
+    for s in range(0, images.shape[0], batch):
+        x = images[s:s + batch].float()
+        y = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out[s:s + batch] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def load_dataset(spec: str | os.PathLike[str], image_size: int, channels: int | None = None,
+                 *, progress: bool = True) -> ImageData:
+    """Training images from ``spec``: "fashion-mnist" (train split) or a folder of images.
+
+    ``channels``: 1 or 3; default 1 for fashion-mnist (3 repeats the gray channel) and 3 for a
+    folder. A folder is decoded by :func:`difflab.data.images.load_folder` (cached); to use a
+    folder that happens to be called "fashion-mnist", pass it as "./fashion-mnist".
+    """
+    image_size = _check_size(image_size)
+    if channels is not None:
+        channels = _check_channels(channels)
+    name = os.fspath(spec)
+    if name in BUILTIN_DATASETS:
+        ch = 1 if channels is None else channels
+        folder = find_fashion_mnist(None, "train", progress=progress)
+        images, labels = load_fashion_mnist(folder, "train", progress=progress)
+        images = resize_uint8(images, image_size)
+        if ch == 3:
+            images = images.expand(-1, 3, -1, -1)
+        return ImageData(
+            images=images.contiguous(),
+            labels=labels,
+            source=f"fashion-mnist train ({len(labels)} images from {folder.resolve()})",
+            num_skipped=0,
+        )
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DataError(f"no such data folder {path} (built-in data sets: {', '.join(BUILTIN_DATASETS)})")
+    ch = 3 if channels is None else channels
+    folder = load_folder(path, image_size, ch, progress=progress)
+    skipped = f", {len(folder.skipped)} skipped" if folder.skipped else ""
+    return ImageData(
+        images=folder.images,
+        labels=None,
+        source=f"folder {path.resolve()} ({len(folder.paths)} images{skipped})",
+        num_skipped=len(folder.skipped),
+    )

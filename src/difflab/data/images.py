@@ -1,0 +1,521 @@
+"""Image files on disk -> uint8 tensors: finding, decoding, resizing and caching a folder.
+
+Decoding rules (shared by every loader, so a folder always means the same pixels):
+
+* Any Pillow mode is accepted. Transparency (alpha channels and palette/tRNS transparency) is
+  composited on **white**; 16-bit gray is scaled by 1/257; 32-bit integer and float images are
+  mapped to 0..255 by the rule in :func:`_to_8bit_gray`. ``channels=1`` uses Pillow's ITU-R 601-2
+  luma. An EXIF orientation tag is applied (phone photos are stored rotated). ICC profiles are
+  ignored (pixels are taken as sRGB). Animated GIF/WebP: the first frame.
+* :func:`resize_center_crop` maps the central square of the image (the shorter side) onto
+  ``size x size`` in one Pillow Lanczos resample (antialiased: its support widens with the
+  downscale factor), using ``reducing_gap=3.0`` so very large downscales first take an exact
+  integer box reduction, as the Pillow docs recommend; nothing is rounded in between.
+* In :func:`load_folder` JPEGs are additionally decoded with libjpeg's DCT scaling
+  (``Image.draft``) when the file is at least 4x the target on its shorter side; the decoded
+  image stays >= 2x the target so the final Lanczos step still does the antialiasing.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.process
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+from struct import error as struct_error
+from typing import Sequence
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from difflab.errors import ConfigError, DataError
+from difflab.io import atomic_path, atomic_write_json, cache_dir
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "FolderImages",
+    "SkippedImagesWarning",
+    "find_images",
+    "load_folder",
+    "open_image",
+    "resize_center_crop",
+    "warn_skipped",
+]
+
+#: File suffixes (lower case, with the dot, as ``Path.suffix`` gives them) that count as images.
+#: Compare with ``path.suffix.lower() in IMAGE_EXTENSIONS``.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+
+#: Bump when decoding or resizing changes, so old caches are not reused.
+CACHE_FORMAT_VERSION = 1
+
+#: How many skipped files a warning names before it just counts.
+_WARN_NAMES = 5
+
+#: Folders with fewer images than this are decoded in-process (a pool costs more than it saves).
+_POOL_MIN_IMAGES = 512
+
+
+class BadImageError(DataError):
+    """A file that should be an image cannot be decoded."""
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some files in an image folder could not be decoded and were left out."""
+
+
+def _check_channels(channels: object) -> int:
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
+    return int(channels)  # type: ignore[arg-type]
+
+
+def _check_size(size: object, what: str = "image_size") -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {size!r}")
+    return int(size)
+
+
+# --------------------------------------------------------------------------------------------
+# finding files
+
+
+def _find(root: Path) -> list[tuple[str, str]]:
+    """(path relative to root with "/" separators, full path) of every image file, sorted.
+
+    Plain strings, not Paths: this runs for every file of a folder on every (cached) load.
+    """
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder of images")
+    top = os.fspath(root)
+    found: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = os.path.relpath(dirpath, top)
+        prefix = "" if rel_dir == os.curdir else rel_dir.replace(os.sep, "/") + "/"
+        for name in filenames:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            found.append((prefix + name, os.path.join(dirpath, name)))
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def find_images(root: str | os.PathLike[str]) -> list[Path]:
+    """All image files under ``root``, recursively, sorted by their path relative to ``root``.
+
+    Only files whose suffix is in :data:`IMAGE_EXTENSIONS` (any case) count. Hidden files and
+    folders (name starting with ``.``, e.g. macOS ``._x.jpg`` or ``.ipynb_checkpoints``) are
+    ignored. Symlinked folders are followed, each real folder at most once. DataError if
+    ``root`` is missing or not a folder.
+    """
+    return [Path(path) for _, path in _find(Path(root).expanduser())]
+
+
+# --------------------------------------------------------------------------------------------
+# decoding one file
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """Map a 16-bit, 32-bit integer or float gray image to mode ``L``.
+
+    ``I;16*``: divided by 257 (65535 -> 255). ``I`` and ``F`` carry no declared range, so:
+    values already within 0..255 are kept; ``I`` within 0..65535 is treated as 16-bit;
+    ``F`` within 0..1 is scaled by 255; anything else is min-max stretched to 0..255.
+    """
+    a = np.asarray(img)
+    mode = img.mode
+    if mode.startswith("I;16"):
+        a = a.astype(np.float64) / 257.0
+    else:
+        a = a.astype(np.float64)
+        if not np.all(np.isfinite(a)):
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo >= 0.0 and hi <= 255.0 and not (mode == "F" and hi <= 1.0):
+            pass
+        elif mode == "I" and lo >= 0.0 and hi <= 65535.0:
+            a = a / 257.0
+        elif mode == "F" and lo >= 0.0 and hi <= 1.0:
+            a = a * 255.0
+        else:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> "L"
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
+def _convert(img: Image.Image, channels: int) -> Image.Image:
+    """Decoded image of any mode -> ``RGB`` (channels=3) or ``L`` (channels=1)."""
+    target = "RGB" if channels == 3 else "L"
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit_gray(img)
+    if _has_transparency(img):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    if img.mode != target:
+        img = img.convert(target)
+    return img
+
+
+def _decode(path: str | os.PathLike[str], channels: int, draft_size: int | None) -> tuple[Image.Image, tuple[float, float] | None]:
+    """Open, fully decode and convert one file; return the image and its content size.
+
+    The content size is the exact extent of the original picture in the returned image's
+    pixels when JPEG draft scaling made it a fraction of a pixel smaller than the rounded-up
+    image size; otherwise None.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                content: tuple[float, float] | None = None
+                if draft_size is not None and im.format == "JPEG" and min(im.size) >= 4 * draft_size:
+                    drafted = im.draft(None, (2 * draft_size, 2 * draft_size))
+                    if drafted is not None:
+                        content = (drafted[1][2], drafted[1][3])
+                im.load()  # full decode: truncated or corrupt data fails here
+                if im.width == 0 or im.height == 0:
+                    raise BadImageError(f"{path}: image has zero width or height")
+                img: Image.Image = im
+                if _orientation(im) in (2, 3, 4, 5, 6, 7, 8):
+                    img = ImageOps.exif_transpose(im)
+                    content = None
+                # The pixels are loaded, so the image stays valid after its file is closed.
+                return _convert(img, channels), content
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BadImageError(f"{path}: is a folder, not an image") from None
+    except PermissionError:
+        raise BadImageError(f"{path}: permission denied") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{path}: too many pixels, refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        empty = _is_empty(path)
+        reason = "empty file" if empty else "not an image Pillow can read"
+        raise BadImageError(f"{path}: {reason}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct_error, MemoryError) as e:
+        text = str(e).strip() or type(e).__name__
+        if "truncated" in text:
+            text = "truncated file (" + text + ")"
+        raise BadImageError(f"{path}: cannot decode: {text}") from None
+
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag, or 1 when absent or unreadable (bad EXIF never rejects pixels)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - any EXIF parsing failure means "no orientation"
+        return 1
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def open_image(path: str | os.PathLike[str], channels: int = 3) -> Image.Image:
+    """Fully decode ``path`` to a Pillow image of mode ``RGB`` (channels=3) or ``L`` (channels=1).
+
+    See the module docstring for the conversion rules. Raises :class:`BadImageError` (one line,
+    naming the file) for a missing, empty, truncated, corrupt or non-image file, or one larger
+    than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb warning is treated as an
+    error here, inside a ``warnings.catch_warnings`` block; no global setting is changed).
+    """
+    channels = _check_channels(channels)
+    img, _ = _decode(path, channels, None)
+    return img
+
+
+def _resize_box(img: Image.Image, size: int, content: tuple[float, float] | None) -> Image.Image:
+    w, h = content if content is not None else (float(img.width), float(img.height))
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    return img.resize(
+        (size, size),
+        Image.Resampling.LANCZOS,
+        box=(left, top, left + side, top + side),
+        reducing_gap=3.0,
+    )
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to ``size`` and keep the central ``size x size`` square.
+
+    One Lanczos resample of the central square (no intermediate rounding); see the module docs.
+    """
+    size = _check_size(size, "size")
+    return _resize_box(img, size, None)
+
+
+def _load_array(path: str, image_size: int, channels: int) -> np.ndarray:
+    """One file -> uint8 array C x H x W (the unit of work of :func:`load_folder`)."""
+    img, content = _decode(path, channels, image_size)
+    img = _resize_box(img, image_size, content)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _decode_chunk(paths: list[str], image_size: int, channels: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode several files; failures are returned as (index in chunk, reason), not raised."""
+    out = np.zeros((len(paths), channels, image_size, image_size), dtype=np.uint8)
+    bad: list[tuple[int, str]] = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = _load_array(p, image_size, channels)
+        except BadImageError as e:
+            reason = str(e)
+            prefix = f"{p}: "
+            bad.append((i, reason[len(prefix):] if reason.startswith(prefix) else reason))
+    return out, bad
+
+
+# --------------------------------------------------------------------------------------------
+# a folder, with its on-disk cache
+
+
+@dataclass(frozen=True)
+class FolderImages:
+    """A decoded image folder.
+
+    ``images``: uint8, N x C x H x W, contiguous. ``paths``: the N files (relative to the
+    folder, POSIX separators) in the same order. ``skipped``: (relative path, reason) for each
+    file that could not be decoded.
+    """
+
+    images: torch.Tensor
+    paths: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork is cheap (no re-import of torch in each worker) and safe here: the workers only run
+    # Pillow and numpy, never torch. Elsewhere spawn is the only safe choice.
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _cache_key(root: Path, rels: list[str], stats: list[os.stat_result], image_size: int, channels: int) -> str:
+    h = hashlib.sha256()
+    head = {
+        "format": CACHE_FORMAT_VERSION,
+        "pillow": PIL.__version__,
+        "root": str(root),
+        "image_size": image_size,
+        "channels": channels,
+        "count": len(rels),
+    }
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for rel, st in zip(rels, stats):
+        h.update(f"\n{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:32]
+
+
+def _read_cache(npy: Path, meta: Path, key: str, image_size: int, channels: int) -> FolderImages | None:
+    if not (npy.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("key") != key or info.get("format") != CACHE_FORMAT_VERSION:
+            return None
+        paths = tuple(str(p) for p in info["paths"])
+        skipped = tuple((str(p), str(r)) for p, r in info["skipped"])
+        arr = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        warnings.warn(f"difflab: image cache {npy} is damaged; decoding the folder again", stacklevel=3)
+        return None
+    if arr.dtype != np.uint8 or arr.shape != (len(paths), channels, image_size, image_size):
+        warnings.warn(f"difflab: image cache {npy} does not match its index; decoding the folder again", stacklevel=3)
+        return None
+    return FolderImages(torch.from_numpy(np.ascontiguousarray(arr)), paths, skipped)
+
+
+def _write_cache(npy: Path, meta: Path, key: str, root: Path, result: FolderImages, image_size: int, channels: int) -> None:
+    # The array goes first and the JSON index last: a reader needs both, and the index names
+    # the key, so a crash between the two writes leaves no usable half-entry.
+    try:
+        with atomic_path(npy) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, result.images.numpy(), allow_pickle=False)
+        atomic_write_json(meta, {
+            "key": key,
+            "format": CACHE_FORMAT_VERSION,
+            "root": str(root),
+            "image_size": image_size,
+            "channels": channels,
+            "paths": list(result.paths),
+            "skipped": [list(s) for s in result.skipped],
+        })
+    except OSError as e:  # a full or read-only cache disk must not lose the decoded data
+        warnings.warn(f"difflab: could not write image cache {npy}: {e}", stacklevel=3)
+
+
+def warn_skipped(root: str | os.PathLike[str], skipped: Sequence[tuple[str, str]], total: int,
+                 *, stacklevel: int = 2) -> None:
+    """Report skipped files in one :class:`SkippedImagesWarning` (count, plus the first few named).
+
+    ``skipped``: (relative path, reason) pairs; nothing is reported when it is empty.
+    ``stacklevel`` as for ``warnings.warn``, counted from the caller of this function.
+    """
+    if not skipped:
+        return
+    named = "; ".join(f"{p} ({r})" for p, r in skipped[:_WARN_NAMES])
+    more = f"; and {len(skipped) - _WARN_NAMES} more" if len(skipped) > _WARN_NAMES else ""
+    warnings.warn(
+        f"skipped {len(skipped)} of {total} image files in {root} that could not be decoded: {named}{more}",
+        SkippedImagesWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _decode_all(
+    files: list[str], image_size: int, channels: int, *, progress: bool, workers: int, desc: str
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    n = len(files)
+    out = np.empty((n, channels, image_size, image_size), dtype=np.uint8)
+    bad: list[tuple[int, str]] = []
+    workers = min(workers, n)
+    chunk = max(1, min(256, math.ceil(n / (4 * workers))))
+    starts = list(range(0, n, chunk))
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        if workers <= 1:
+            for s in starts:
+                arr, b = _decode_chunk(files[s:s + chunk], image_size, channels)
+                out[s:s + len(arr)] = arr
+                bad.extend((s + i, r) for i, r in b)
+                bar.update(len(arr))
+        else:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+                futures = {pool.submit(_decode_chunk, files[s:s + chunk], image_size, channels): s for s in starts}
+                try:
+                    for fut in concurrent.futures.as_completed(futures):
+                        s = futures[fut]
+                        arr, b = fut.result()
+                        out[s:s + len(arr)] = arr
+                        bad.extend((s + i, r) for i, r in b)
+                        bar.update(len(arr))
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    bad.sort()
+    return out, bad
+
+
+def load_folder(
+    root: str | os.PathLike[str],
+    image_size: int,
+    channels: int = 3,
+    *,
+    progress: bool = True,
+    workers: int | None = None,
+) -> FolderImages:
+    """Decode every image under ``root`` to ``image_size`` squares (see :func:`resize_center_crop`).
+
+    Unreadable files are left out, listed in ``skipped`` and reported in one
+    :class:`SkippedImagesWarning`; a folder without a single usable image is a DataError.
+
+    The result is cached in ``difflab.io.cache_dir("datasets")`` under a hash of the folder's
+    absolute path, every file's relative path, size and mtime, ``image_size``, ``channels``,
+    the Pillow version and a format version; a repeated call with nothing changed reads it back
+    (identical tensor) instead of decoding. ``workers`` processes decode in parallel
+    (default: the CPUs this process may use; folders under 512 files are decoded in-process).
+    """
+    image_size = _check_size(image_size)
+    channels = _check_channels(channels)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    given = Path(root).expanduser()
+    found = _find(given)
+    if not found:
+        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {given}")
+    rels: list[str] = []
+    files: list[str] = []
+    stats: list[os.stat_result] = []
+    unreadable: dict[str, str] = {}
+    for rel, path in found:
+        rels.append(rel)
+        files.append(path)
+        try:
+            stats.append(os.stat(path))
+        except OSError as e:  # e.g. a dangling symlink: decoding will report it
+            stats.append(os.stat_result((0,) * 10))
+            unreadable[rel] = e.strerror or type(e).__name__
+    abs_root = given.resolve()
+    key = _cache_key(abs_root, rels, stats, image_size, channels)
+    store = cache_dir("datasets")
+    npy, meta = store / f"{key}.npy", store / f"{key}.json"
+
+    cached = None if unreadable else _read_cache(npy, meta, key, image_size, channels)
+    if cached is not None:
+        warn_skipped(given, cached.skipped, len(rels), stacklevel=2)
+        return cached
+
+    if workers is None:
+        workers = _default_workers() if len(files) >= _POOL_MIN_IMAGES else 1
+    try:
+        arr, bad = _decode_all(files, image_size, channels, progress=progress, workers=workers,
+                               desc=f"decoding {given.name or given}")
+    except concurrent.futures.process.BrokenProcessPool:
+        raise DataError(f"a decoding process died while reading {given} (out of memory, or a file "
+                        "crashed the image decoder); retry with one worker to find the file") from None
+    ok = np.ones(len(files), dtype=bool)
+    for i, _ in bad:
+        ok[i] = False
+    skipped = tuple((rels[i], reason) for i, reason in bad)
+    if not ok.any():
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise DataError(f"none of the {len(files)} image files in {given} could be decoded{first}")
+    if not ok.all():
+        arr = arr[ok]
+    result = FolderImages(
+        images=torch.from_numpy(np.ascontiguousarray(arr)),
+        paths=tuple(r for r, good in zip(rels, ok) if good),
+        skipped=skipped,
+    )
+    if not unreadable:
+        _write_cache(npy, meta, key, abs_root, result, image_size, channels)
+    warn_skipped(given, skipped, len(rels), stacklevel=2)
+    return result
