@@ -1,0 +1,317 @@
+"""The run configuration: typed, frozen dataclasses, one per concern, gathered in :class:`RunConfig`.
+
+A run's config is resolved in this order: defaults < ``--preset`` < ``--config FILE.toml`` <
+command-line flags < ``key=value`` overrides (dotted: ``train.lr=1e-4``,
+``model.channel_mults=1,2,2``, ``schedule.kind=cosine``). The resolved config is saved as JSON into
+the run directory and is everything needed to rebuild the network, the schedule and training.
+``RunConfig.from_dict(cfg.to_dict()) == cfg`` holds exactly (tested).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from difflab.data.augment import AugmentConfig
+from difflab.errors import ConfigError, parse_choice
+from difflab.losses import LossConfig
+from difflab.models.unet import PRESETS as MODEL_PRESETS
+from difflab.models.unet import UNetConfig, unet_config
+from difflab.samplers import SamplerConfig
+from difflab.schedule import ScheduleConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Precision(str, Enum):
+    AUTO = "auto"  # bf16 where the CPU has native bf16 (AMX / AVX512-BF16) or on CUDA, else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast, fp32 master weights and optimizer state
+
+
+class LRDecay(str, Enum):
+    NONE = "none"
+    COSINE = "cosine"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``source`` is ``fashion-mnist`` or a folder of images; ``channels`` 0 means the source's own."""
+
+    source: str = "fashion-mnist"
+    image_size: int = 32
+    channels: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < 8:
+            raise ConfigError(f"--image-size must be an integer >= 8, got {self.image_size!r}")
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"data.channels must be 0 (automatic), 1 or 3, got {self.channels!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 200
+    lr_decay: LRDecay = LRDecay.NONE
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1
+    max_steps: int = 20_000
+    minutes: float = 0.0  # wall-clock budget of one invocation; 0 = none
+    # EMA as in Karras et al. 2022 (EDM): half-life in images, ramped up early in training
+    ema_halflife_images: float = 50_000.0
+    ema_rampup: float = 0.05
+    seed: int = 0
+    precision: Precision = Precision.AUTO
+    channels_last: bool = True
+    log_every: int = 50
+    sample_every: int = 1000  # 0 disables the periodic sample grid
+    sample_grid_size: int = 16
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_decay", parse_choice(LRDecay, self.lr_decay, "train.lr_decay"))
+        object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "train.precision"))
+        positive = ["batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_steps"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ["warmup_steps", "sample_every", "sample_grid_size"]:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        for name in ["weight_decay", "grad_clip", "minutes", "ema_halflife_images", "ema_rampup"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and 0 <= self.min_lr_ratio <= 1):
+            raise ConfigError("train.adam_beta1/adam_beta2 must be in [0, 1) and min_lr_ratio in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: UNetConfig = field(default_factory=lambda: unet_config("small"))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    preset: str = "small"
+
+    def __post_init__(self) -> None:
+        if self.model.image_size != self.data.image_size:
+            raise ConfigError(
+                f"model.image_size={self.model.image_size} differs from data.image_size={self.data.image_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        return from_dict(cls, d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read run config {path}: {e}") from None
+
+
+# -- generic dataclass <-> dict, driven by type hints --------------------------------------
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return parse_choice(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be of type {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, d: Any, where: str = "config") -> Any:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where} must be a table of options, got {d!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown option {where}.{unknown[0]}; valid: {', '.join(names)}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+
+
+def parse_override_value(tp: Any, text: str, where: str) -> Any:
+    """Parse the text of ``key=value`` for a field of type ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if type(None) in args:  # Optional[X] (X | None)
+        if text.lower() in ("none", "null", ""):
+            return None
+        return parse_override_value(next(a for a in args if a is not type(None)), text, where)
+    if origin is tuple:
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        return tuple(parse_override_value(args[0], p, where) for p in parts)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where} takes true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(float(text)) if tp is int and float(text).is_integer() else tp(text)
+        except ValueError:
+            raise ConfigError(f"{where} takes a number, got {text!r}") from None
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return parse_choice(tp, text, where)
+    return text
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str] | Mapping[str, Any]) -> Any:
+    """Return ``cfg`` with dotted-key overrides applied (strings parsed by field type)."""
+    items = overrides.items() if isinstance(overrides, Mapping) else [_split(o) for o in overrides]
+    for key, value in items:
+        cfg = _set(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _split(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=1e-4)")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    names = [f.name for f in dataclasses.fields(obj)]
+    if path[0] not in names:
+        raise ConfigError(f"unknown option {full!r}: {type(obj).__name__} has {', '.join(names)}")
+    tp = _hints(type(obj))[path[0]]
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"unknown option {full!r}")
+        new = _set(getattr(obj, path[0]), path[1:], value, full)
+    elif dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{full!r} is a group of options; set one of its fields, e.g. {full}.<name>=...")
+    else:
+        new = parse_override_value(tp, value, full) if isinstance(value, str) else _coerce(tp, value, full)
+    return dataclasses.replace(obj, **{path[0]: new})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--config file {path} is not valid TOML: {e}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(MODEL_PRESETS)
+
+
+def resolve_config(
+    *,
+    preset: str | None = None,
+    toml: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> RunConfig:
+    """Defaults < preset < TOML file < flags < overrides. Model image size/channels follow the data."""
+    base = RunConfig()
+    raw = to_dict(base)
+    name = preset or (toml or {}).get("preset") or base.preset
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown --preset {name!r}; choose one of {', '.join(preset_names())}")
+    raw["model"] = to_dict(MODEL_PRESETS[name])
+    raw["preset"] = name
+    for section, values in (toml or {}).items():
+        if section == "preset":
+            continue
+        if isinstance(values, Mapping) and isinstance(raw.get(section), dict):
+            raw[section] = _merge(raw[section], values)
+        else:
+            raw[section] = values
+    for key, value in (flags or {}).items():
+        if value is not None:
+            sec, name_ = key.split(".", 1)
+            raw[sec][name_] = value
+    # The network is built for the data: image size and channels come from the data section
+    # unless a model.* override says otherwise (then the consistency check reports the clash).
+    raw["model"] = _resize_model(raw["model"], raw["data"]["image_size"])
+    if raw["data"].get("channels"):
+        raw["model"]["in_channels"] = raw["data"]["channels"]
+    elif raw["data"]["source"] == "fashion-mnist":
+        raw["model"]["in_channels"] = 1
+    cfg = from_dict(RunConfig, raw)
+    return apply_overrides(cfg, overrides)
+
+
+def _resize_model(model: dict, size: int) -> dict:
+    """The model dict at another image size, with attention kept at the same levels (a preset
+    names attention by feature-map size, which moves with the image size)."""
+    old = model["image_size"]
+    if old == size:
+        return model
+    def remap(resolutions):
+        return [size // (old // r) for r in resolutions if old % r == 0]
+    return {
+        **model,
+        "image_size": size,
+        "attention_resolutions": remap(model["attention_resolutions"]),
+        "linear_attention_resolutions": remap(model["linear_attention_resolutions"]),
+    }
+
+
+def _merge(a: dict, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out

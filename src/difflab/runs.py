@@ -1,0 +1,50 @@
+"""Load a trained run directory for sampling: config.json + ema/model safetensors."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difflab.config import RunConfig
+from difflab.denoiser import Clip, Denoiser
+from difflab.errors import CheckpointError
+from difflab.models.unet import UNet
+from difflab.schedule import NoiseSchedule
+from difflab.train.checkpoint import CONFIG, latest_checkpoint, load_tensors, require_run
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: RunConfig
+    model: UNet
+    schedule: NoiseSchedule
+    step: int
+
+    def denoiser(self, clip: Clip | str = Clip.NONE) -> Denoiser:
+        return Denoiser(self.model, self.schedule, self.config.loss.prediction, clip=clip)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        m = self.config.model
+        return (m.in_channels, m.image_size, m.image_size)
+
+
+def load_run(run_dir: str | os.PathLike[str], *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
+    """The run's network with its EMA (default) or raw weights from the latest checkpoint, in eval mode."""
+    if weights not in ("ema", "model"):
+        raise CheckpointError(f"--weights must be 'ema' or 'model', got {weights!r}")
+    run = require_run(run_dir)
+    cfg = RunConfig.load(run / CONFIG)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise CheckpointError(f"--run {run_dir}: no checkpoint has been saved yet")
+    model = UNet(cfg.model)
+    try:
+        model.load_state_dict(ckpt.tensors(weights))
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path}/{weights}.safetensors does not match {run / CONFIG}: {str(e).splitlines()[0]}") from None
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"])

@@ -1,0 +1,343 @@
+"""The training loop: AdamW, warm-up and optional cosine decay, gradient clipping and
+accumulation, EMA, bf16 autocast, periodic sample grids and checkpoints, exact resume, and DDP.
+
+Distributed training: launched by ``torchrun``, each process reads RANK / WORLD_SIZE / LOCAL_RANK
+from the environment (a plain ``python`` run is rank 0 of 1). ``train.batch_size`` is the global
+number of images per optimizer step; each rank processes batch_size / (world_size * grad_accum) at a
+time, from its own stride of a shared per-epoch permutation, so hyper-parameters mean the same on
+one CPU and on many GPUs. Only rank 0 writes files.
+
+Reproducibility: all training randomness (batch order, timesteps, noise, augmentation) comes from
+one ``torch.Generator``; the global torch RNG (used by dropout) is forked for the duration of
+training and seeded from the config. Both states, the data position, optimizer and EMA are in every
+checkpoint, so a resumed run is bit-identical to an uninterrupted one on the same machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from difflab.config import LRDecay, Precision, RunConfig
+from difflab.data.augment import augment
+from difflab.data.dataset import ImageData, load_dataset, to_float
+from difflab.denoiser import Denoiser
+from difflab.errors import CheckpointError, ConfigError
+from difflab.io import atomic_write_bytes
+from difflab.losses import diffusion_loss
+from difflab.models.unet import UNet
+from difflab.samplers import SamplerConfig, sample
+from difflab.schedule import NoiseSchedule
+from difflab.train.checkpoint import CONFIG, latest_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from difflab.train.ema import EMA
+from difflab.viz import save_grid
+
+PREVIEW_SAMPLER = SamplerConfig(sampler="ddim", steps=25)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where bf16 matrix math is native (AMX tiles or AVX512-BF16), so autocast pays."""
+    with contextlib.suppress(Exception):
+        if torch._C._cpu._is_amx_tile_supported():
+            return True
+    with contextlib.suppress(Exception):
+        return bool(torch._C._cpu._is_avx512_bf16_supported())
+    return False
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    if precision is Precision.FP32:
+        return None
+    if precision is Precision.BF16:
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``lr``, then constant or cosine decay to ``min_lr_ratio * lr`` at max_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay is LRDecay.NONE:
+        return cfg.lr
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict[str, Any]]:
+    """While active, SIGINT and SIGTERM set ``flag["signal"]`` instead of killing the process, so
+    the loop can finish its step and save. A second signal exits at once."""
+    flag: dict[str, Any] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        data: ImageData | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.dist = DistInfo.from_env()
+        tc = cfg.train
+        per_step = self.dist.world_size * tc.grad_accum
+        if tc.batch_size % per_step:
+            raise ConfigError(
+                f"train.batch_size={tc.batch_size} must be divisible by world_size * grad_accum = {per_step}"
+            )
+        self.micro_batch = tc.batch_size // per_step
+        if device is None:
+            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.dist.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+        self.data = data if data is not None else load_dataset(
+            cfg.data.source, cfg.data.image_size, cfg.data.channels or None, progress=progress and self.dist.is_main
+        )
+        c, h = self.data.images.shape[1], self.data.images.shape[2]
+        if (c, h) != (cfg.model.in_channels, cfg.model.image_size):
+            raise ConfigError(
+                f"data has {c}-channel {h}px images but the model expects {cfg.model.in_channels}-channel "
+                f"{cfg.model.image_size}px"
+            )
+        self.schedule = NoiseSchedule(cfg.schedule)
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
+            torch.manual_seed(tc.seed)
+            self.model = UNet(cfg.model).to(self.device)
+        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.ema = EMA(self.model, tc.ema_halflife_images, tc.ema_rampup)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
+        )
+        self.autocast = autocast_dtype(tc.precision, self.device)
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.world_size > 1 else None
+        )
+        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.global_rng = torch.Generator().manual_seed(tc.seed + 7919 * (self.dist.rank + 1)).get_state()
+        self.step, self.images_seen, self.epoch, self.pos, self.elapsed = 0, 0, 0, 0, 0.0
+        if resume:
+            self._restore()
+        elif self.dist.is_main:
+            if (self.run_dir / CONFIG).exists():
+                raise CheckpointError(f"--out {self.run_dir} already holds a run; pass --resume or choose another --out")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / CONFIG, cfg.to_json().encode())
+
+    # -- data --------------------------------------------------------------------------
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.data.images), generator=g)
+        return perm[self.dist.rank :: self.dist.world_size]
+
+    def _next_indices(self, n: int) -> torch.Tensor:
+        out = []
+        while n > 0:
+            perm = self._permutation(self.epoch)
+            take = perm[self.pos : self.pos + n]
+            out.append(take)
+            n -= len(take)
+            self.pos += len(take)
+            if self.pos >= len(perm):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return torch.cat(out)
+
+    def _batch(self) -> torch.Tensor:
+        x = to_float(self.data.images[self._next_indices(self.micro_batch)])
+        x = augment(x, self.cfg.data.augment, self.gen)
+        return x.to(self.device).contiguous(memory_format=self.memory_format)
+
+    # -- one optimizer step ------------------------------------------------------------
+    def _train_step(self, sums: torch.Tensor) -> torch.Tensor:
+        tc, T = self.cfg.train, self.schedule.num_timesteps
+        net = self.ddp or self.model
+        for lr_group in self.optimizer.param_groups:
+            lr_group["lr"] = lr_at(self.step, tc)
+        for micro in range(tc.grad_accum):
+            x0 = self._batch()
+            t = torch.randint(0, T, (len(x0),), generator=self.gen).to(self.device)
+            noise = torch.randn(x0.shape, generator=self.gen).to(self.device).contiguous(memory_format=self.memory_format)
+            sync = contextlib.nullcontext() if self.ddp is None or micro == tc.grad_accum - 1 else self.ddp.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                per_example = diffusion_loss(net, self.schedule, x0, t, noise, self.cfg.loss)
+            (per_example.mean() / tc.grad_accum).backward()
+            with torch.no_grad():  # loss sums per timestep quartile, read only at log time (no sync per step)
+                q = (t * 4 // T).clamp(max=3)
+                sums[0].index_add_(0, q, per_example.detach().float())
+                sums[1].index_add_(0, q, torch.ones_like(per_example, dtype=torch.float32))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.images_seen += tc.batch_size
+        self.ema.update(self.model, self.images_seen, tc.batch_size)
+        return grad_norm
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train until max_steps, the minutes budget, ``stop_at`` (tests) or a signal; then save."""
+        tc = self.cfg.train
+        end = min(tc.max_steps, stop_at or tc.max_steps)
+        start_time, start_step = time.monotonic(), self.step
+        sums = torch.zeros(2, 4, device=self.device)
+        last_log_time, last_log_step = start_time, self.step
+        reason = "max_steps"
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        with torch.random.fork_rng(devices=[]), stop_requests() as stop:
+            torch.set_rng_state(self.global_rng)
+            self.model.train()
+            while self.step < end:
+                grad_norm = self._train_step(sums)
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == end:
+                    now = time.monotonic()
+                    record = self._log(sums, grad_norm, (self.step - last_log_step) * tc.batch_size / max(now - last_log_time, 1e-9))
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                    sums.zero_()
+                    last_log_time, last_log_step = now, self.step
+                if tc.sample_every and self.step % tc.sample_every == 0:
+                    self.save_samples()
+                if self.step % tc.checkpoint_every == 0 and self.step < end:
+                    self.save()
+                if stop["signal"]:
+                    reason = stop["signal"]
+                    break
+                if tc.minutes and time.monotonic() - start_time >= tc.minutes * 60:
+                    reason = "minutes"
+                    break
+            self.global_rng = torch.get_rng_state()
+            self.elapsed += time.monotonic() - start_time
+            self.save()
+            if tc.sample_every and self.step % tc.sample_every:
+                self.save_samples()
+        bar.close()
+        return {"step": self.step, "stopped_by": reason, "steps_this_run": self.step - start_step,
+                "seconds": time.monotonic() - start_time, "run_dir": str(self.run_dir)}
+
+    def _log(self, sums: torch.Tensor, grad_norm: torch.Tensor, images_per_s: float) -> dict[str, Any]:
+        s = sums.cpu()
+        total = float(s[0].sum() / s[1].sum().clamp(min=1))
+        record = {
+            "step": self.step, "images_seen": self.images_seen, "loss": total,
+            "loss_quartiles": [float(s[0, q] / s[1, q]) if s[1, q] > 0 else None for q in range(4)],
+            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            "images_per_s": images_per_s, "time": time.time(),
+        }
+        if self.dist.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    # -- outputs -------------------------------------------------------------------------
+    def denoiser(self, use_ema: bool = True) -> Denoiser:
+        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss.prediction)
+
+    @torch.no_grad()
+    def save_samples(self) -> None:
+        """A grid from fixed seeds with the EMA weights, so grids of successive steps compare."""
+        if not self.dist.is_main or not self.cfg.train.sample_grid_size:
+            return
+        c, s = self.cfg.model.in_channels, self.cfg.model.image_size
+        with torch.random.fork_rng(devices=[]):  # sampling must not disturb training randomness
+            imgs = sample(self.denoiser(), self.cfg.train.sample_grid_size, (c, s, s), PREVIEW_SAMPLER,
+                          seed=self.cfg.train.seed, batch_size=64, device=self.device, progress=False)
+        out = self.run_dir / "samples"
+        save_grid(imgs, out / f"step-{self.step:07d}.png", scale=2)
+        save_grid(imgs, out / "latest.png", scale=2)
+
+    def save(self) -> None:
+        if not self.dist.is_main:
+            return
+        optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
+        train_state = {f"optim.{k}": v for k, v in optim_tensors.items()}
+        train_state["rng.train"] = self.gen.get_state()
+        train_state["rng.global"] = self.global_rng
+        state = {
+            "step": self.step, "images_seen": self.images_seen, "epoch": self.epoch, "pos": self.pos,
+            "elapsed_seconds": self.elapsed, "optimizer": optim_meta, "world_size": self.dist.world_size,
+        }
+        save_checkpoint(
+            self.run_dir, self.step,
+            {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "train_state": train_state},
+            state, self.cfg.train.keep_checkpoints,
+        )
+
+    def _restore(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: run {self.run_dir} has no checkpoint yet")
+        st = ckpt.state
+        if st.get("world_size", 1) != self.dist.world_size:
+            raise CheckpointError(
+                f"--resume: run {self.run_dir} was trained with {st.get('world_size')} processes, not "
+                f"{self.dist.world_size}; the data order would change"
+            )
+        _load_state(self.model, ckpt.tensors("model"), ckpt.path / "model.safetensors")
+        _load_state(self.ema.model, ckpt.tensors("ema"), ckpt.path / "ema.safetensors")
+        ts = ckpt.tensors("train_state")
+        optimizer_from_tensors(self.optimizer, {k[6:]: v for k, v in ts.items() if k.startswith("optim.")}, st["optimizer"])
+        self.gen.set_state(ts["rng.train"])
+        self.global_rng = ts["rng.global"]
+        self.step, self.images_seen = st["step"], st["images_seen"]
+        self.epoch, self.pos, self.elapsed = st["epoch"], st["pos"], st["elapsed_seconds"]
+
+
+def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the run's model config: {str(e).splitlines()[0]}") from None

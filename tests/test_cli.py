@@ -1,0 +1,128 @@
+"""The CLI end to end on a tiny run, and every kind of bad input as a one-line error (exit 2)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    g = torch.Generator().manual_seed(0)
+    for k in range(24):
+        arr = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"{k}.png")
+    (root / "broken.jpg").write_bytes(b"not an image")
+    return root
+
+
+TINY = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--no-progress",
+        "train.sample_every=2", "train.sample_grid_size=4", "train.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, image_folder):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--data", str(image_folder), "--out", str(out), "--max-steps", "3", *TINY]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run(trained_run):
+    cfg = json.loads((trained_run / "config.json").read_text())
+    assert cfg["model"]["image_size"] == 16 and cfg["model"]["in_channels"] == 3
+    assert (trained_run / "samples" / "latest.png").is_file()
+    assert (trained_run / "ema.safetensors").is_file()
+    assert len((trained_run / "log.jsonl").read_text().splitlines()) >= 1
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, capsys, image_folder):
+    code, out, _ = run(capsys, "train", "--data", image_folder, "--out", tmp_path / "x", "--dry-run", *TINY, "train.lr=3e-4")
+    assert code == 0 and json.loads(out)["train"]["lr"] == 3e-4
+    assert not (tmp_path / "x").exists()
+
+
+def test_sample_layout_and_seeds_independent_of_batch_size(tmp_path, capsys, trained_run):
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, out, _ = run(capsys, "sample", "--run", trained_run, "-n", 5, "--steps", 4, "--batch-size", 5,
+                       "--out", a, "--format", "png", "--grid", tmp_path / "grid.png", "--no-progress")
+    assert code == 0 and "wrote 5 images" in out
+    assert sorted(os.listdir(a)) == ["1.png", "2.png", "3.png", "4.png", "5.png", "sampling.json"]
+    assert main(["sample", "--run", str(trained_run), "-n", "5", "--steps", "4", "--batch-size", "2",
+                 "--out", str(b), "--format", "png", "--no-progress"]) == 0
+    for k in range(1, 6):
+        x = torch.tensor(np.array(Image.open(a / f"{k}.png"))).int()
+        y = torch.tensor(np.array(Image.open(b / f"{k}.png"))).int()
+        assert x.shape == (16, 16, 3)
+        assert int((x - y).abs().max()) <= 1  # batched float kernels may differ in the last bit
+    assert Image.open(tmp_path / "grid.png").size[0] > 16
+
+
+def test_sample_ddpm_and_jpg_default(tmp_path, trained_run):
+    assert main(["sample", "--run", str(trained_run), "-n", "2", "--sampler", "ddpm", "--steps", "5",
+                 "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert (tmp_path / "d" / "1.jpg").is_file() and (tmp_path / "d" / "2.jpg").is_file()
+
+
+def test_resume_continues_from_the_checkpoint(capsys, trained_run, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    code, out, err = run(capsys, "train", "--out", copy, "--resume", "--max-steps", 5, "--no-progress")
+    assert code == 0, err
+    assert "step 5" in out
+    code, _, err = run(capsys, "train", "--out", copy, "--resume", "--image-size", 32)
+    assert code == 2 and "only training options may change" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--out", "{tmp}/r"], "--data"),
+        (["train", "--data", "{tmp}/missing", "--out", "{tmp}/r"], "missing"),
+        (["train", "--data", "{empty}", "--out", "{tmp}/r"], "no image files"),
+        (["train", "--data", "fashion-mnist", "--out", "{tmp}/r", "train.nope=1"], "unknown option 'train.nope'"),
+        (["train", "--data", "fashion-mnist", "--out", "{tmp}/r", "--preset", "huge"], "invalid choice"),
+        (["train", "--data", "fashion-mnist", "--out", "{tmp}/r", "--max-steps", "0"], "positive integer"),
+        (["train", "--data", "fashion-mnist", "--out", "{tmp}/r", "--config", "{tmp}/none.toml"], "does not exist"),
+        (["train", "--out", "{tmp}/nothing", "--resume"], "not a difflab run"),
+        (["sample", "--run", "{tmp}/nothing"], "not a difflab run"),
+        (["sample", "--run", "{run}", "--sampler", "plms"], "invalid choice"),
+        (["sample", "--run", "{run}", "--sampler", "ddpm", "--eta", "0.5"], "eta"),
+        (["sample", "--run", "{run}", "--steps", "5000"], "exceeds"),
+        (["sample", "--run", "{run}", "--eta", "2"], "eta"),
+        (["bogus"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, trained_run, argv, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [a.format(tmp=tmp_path, empty=empty, run=trained_run) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("difflab: error:"), err
+    assert message in lines[0], lines[0]
+
+
+def test_train_refuses_to_overwrite(capsys, trained_run, image_folder):
+    code, _, err = run(capsys, "train", "--data", image_folder, "--out", trained_run, *TINY)
+    assert code == 2 and "already holds a run" in err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ["train", "sample", "demo"]:
+        assert cmd in out

@@ -1,0 +1,141 @@
+import json
+import math
+
+import pytest
+import torch
+
+from difflab.config import resolve_config
+from difflab.data.dataset import ImageData, load_dataset
+from difflab.errors import CheckpointError, ConfigError
+from difflab.runs import load_run
+from difflab.train import Trainer
+from difflab.train import checkpoint as ckpt_mod
+from difflab.train.ema import ema_beta
+from difflab.train.loop import lr_at
+
+
+def synthetic(n=48, size=16, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ImageData(torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8), None, "synthetic", 0)
+
+
+def tiny_cfg(*overrides, size=16):
+    return resolve_config(
+        preset="tiny",
+        flags={"data.source": "synthetic", "data.image_size": size, "data.channels": 1},
+        overrides=[
+            "train.batch_size=8", "train.max_steps=8", "train.sample_every=0", "train.checkpoint_every=3",
+            "train.log_every=2", "train.precision=fp32", "train.warmup_steps=2", "model.dropout=0.2",
+            "data.augment.hflip=true", "data.augment.rotate_degrees=10", "train.ema_halflife_images=40",
+            *overrides,
+        ],
+    )
+
+
+def states(run_dir):
+    out = {}
+    for name in ("model", "ema"):
+        out[name] = ckpt_mod.load_tensors(run_dir / f"{name}.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "train.lr_decay=cosine"]])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extra):
+    cfg, data = tiny_cfg(*extra), synthetic()
+    Trainer(cfg, tmp_path / "straight", data=data, progress=False).run()
+    Trainer(cfg, tmp_path / "split", data=data, progress=False).run(stop_at=5)
+    first_log = (tmp_path / "split" / "log.jsonl").read_text()
+    Trainer(cfg, tmp_path / "split", data=data, progress=False, resume=True).run()
+    a, b = states(tmp_path / "straight"), states(tmp_path / "split")
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    losses = lambda p: [(r["step"], r["loss"]) for r in map(json.loads, p.read_text().splitlines())]
+    straight = losses(tmp_path / "straight" / "log.jsonl")
+    split = losses(tmp_path / "split" / "log.jsonl")
+    assert {s for s, _ in split} >= {2, 4, 8} and first_log
+    assert dict(split)[8] == dict(straight)[8]
+
+
+def test_checkpoint_layout_and_keep_last_k(tmp_path):
+    cfg = tiny_cfg("train.max_steps=10", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+    Trainer(cfg, tmp_path / "run", data=synthetic(), progress=False).run()
+    run = tmp_path / "run"
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-0000008", "step-0000010"]
+    assert json.loads((run / "latest.json").read_text())["checkpoint"] == "checkpoints/step-0000010"
+    for f in ["config.json", "model.safetensors", "ema.safetensors", "log.jsonl"]:
+        assert (run / f).is_file()
+    assert {p.name for p in (run / "checkpoints" / "step-0000010").iterdir()} == {
+        "model.safetensors", "ema.safetensors", "train_state.safetensors", "state.json"}
+    loaded = load_run(run)
+    assert loaded.step == 10 and not loaded.model.training
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = tiny_cfg("train.max_steps=6")
+    trainer = Trainer(cfg, tmp_path / "run", data=synthetic(), progress=False)
+    trainer.run(stop_at=3)
+    good = states(tmp_path / "run")
+    real_save = ckpt_mod.save_tensors
+    calls = {"n": 0}
+
+    def dying_save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # model written, then the process 'dies' while writing the EMA
+            path.write_bytes(b"\x00" * 10)
+            raise OSError("disk on fire")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt_mod, "save_tensors", dying_save)
+    with pytest.raises(OSError, match="disk on fire"):
+        trainer.run()
+    monkeypatch.undo()
+    run = load_run(tmp_path / "run")
+    assert run.step == 3
+    after = states(tmp_path / "run")
+    for k in good["ema"]:
+        assert torch.equal(good["ema"][k], after["ema"][k])
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if ".tmp-" in p.name]
+    # a killed process can also leave a half-written temp directory: it is ignored, then swept
+    (tmp_path / "run" / "checkpoints" / "step-0000006.tmp-dead").mkdir()
+    assert load_run(tmp_path / "run").step == 3
+    Trainer(cfg, tmp_path / "run", data=synthetic(), progress=False, resume=True).run()
+    assert load_run(tmp_path / "run").step == 6
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if ".tmp-" in p.name]
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
+    cfg = tiny_cfg("train.max_steps=1")
+    Trainer(cfg, tmp_path / "run", data=synthetic(), progress=False).run()
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        Trainer(cfg, tmp_path / "run", data=synthetic(), progress=False)
+    with pytest.raises(CheckpointError, match="not a difflab run|no checkpoint"):
+        load_run(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="divisible"):
+        Trainer(tiny_cfg("train.batch_size=9", "train.grad_accum=2"), tmp_path / "other", data=synthetic(), progress=False)
+
+
+def test_schedules_of_lr_and_ema():
+    cfg = tiny_cfg("train.lr=1e-3", "train.warmup_steps=10", "train.lr_decay=cosine", "train.max_steps=110",
+                   "train.min_lr_ratio=0.1").train
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    # EMA half-life in images: after `halflife` images the old weights count one half
+    assert ema_beta(1e9, 100, 1000, 0) ** 10 == pytest.approx(0.5)
+    assert ema_beta(1000, 100, 1e6, 0.05) ** 0.5 == pytest.approx(0.5)  # ramp-up: half-life 50 images
+
+
+def test_tiny_unet_learns_fashion_mnist(tmp_path, fashion_mnist_dir):
+    """A few hundred steps of the tiny preset clearly lower the loss on real data."""
+    full = load_dataset("fashion-mnist", 16, progress=False)
+    data = ImageData(full.images[:4096], None, "fashion-mnist subset", 0)
+    cfg = tiny_cfg("train.max_steps=300", "train.batch_size=32", "train.lr=2e-3", "train.log_every=25",
+                   "train.warmup_steps=20", "model.dropout=0", "data.augment.hflip=false",
+                   "data.augment.rotate_degrees=0", "train.checkpoint_every=1000", "train.precision=auto")
+    Trainer(cfg, tmp_path / "run", data=data, progress=False).run()
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
