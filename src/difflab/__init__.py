@@ -1,1 +1,8 @@
-"""difflab."""
+"""difflab: train, sample, evaluate and visualise image diffusion models."""
+from difflab.denoiser import Denoiser
+from difflab.models.unet import UNet, UNetConfig, unet_config
+from difflab.samplers import SamplerConfig, sample
+from difflab.schedule import NoiseSchedule, Prediction, ScheduleConfig
+
+__all__ = ["Denoiser", "NoiseSchedule", "Prediction", "SamplerConfig", "ScheduleConfig", "UNet", "UNetConfig", "sample", "unet_config"]
+__version__ = "0.1.0"
