@@ -63,13 +63,16 @@ class DistInfo:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where bf16 matrix math is native (AMX tiles or AVX512-BF16), so autocast pays."""
-    with contextlib.suppress(Exception):
-        if torch._C._cpu._is_amx_tile_supported():
-            return True
-    with contextlib.suppress(Exception):
-        return bool(torch._C._cpu._is_avx512_bf16_supported())
-    return False
+    """True where the CPU does bf16 math natively (AMX-BF16 or AVX512-BF16), so autocast pays.
+
+    Read from the kernel's CPU flags (Linux); elsewhere assume not and stay in fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -165,7 +168,8 @@ class Trainer:
             torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.world_size > 1 else None
         )
-        self.gen = torch.Generator().manual_seed(tc.seed)
+        # timesteps, noise and augmentation differ per rank; the data permutation is shared
+        self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         self.global_rng = torch.Generator().manual_seed(tc.seed + 7919 * (self.dist.rank + 1)).get_state()
         self.step, self.images_seen, self.epoch, self.pos, self.elapsed = 0, 0, 0, 0, 0.0
         if resume:
