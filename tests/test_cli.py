@@ -126,3 +126,28 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ["train", "sample", "demo"]:
         assert cmd in out
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_before_exiting(tmp_path, image_folder, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "difflab.cli", "train", "--data", str(image_folder), "--out", str(out),
+         "--max-steps", "100000", *TINY, "train.log_every=1", "train.checkpoint_every=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "log.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-1000:]
+    assert f"({sig})" in stdout
+    state = json.loads((out / "latest.json").read_text())
+    assert state["step"] >= 1
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", str(state["step"] + 1), "--no-progress"]) == 0
