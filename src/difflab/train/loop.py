@@ -144,9 +144,7 @@ class Trainer:
         if self.dist.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
-        self.data = data if data is not None else load_dataset(
-            cfg.data.source, cfg.data.image_size, cfg.data.channels or None, progress=progress and self.dist.is_main
-        )
+        self.data = data if data is not None else self._load_data()
         c, h = self.data.images.shape[1], self.data.images.shape[2]
         if (c, h) != (cfg.model.in_channels, cfg.model.image_size):
             raise ConfigError(
@@ -181,6 +179,20 @@ class Trainer:
             atomic_write_bytes(self.run_dir / CONFIG, cfg.to_json().encode())
 
     # -- data --------------------------------------------------------------------------
+    def _load_data(self) -> ImageData:
+        """Rank 0 decodes (and fills the cache) first; the other ranks then read the cache."""
+        def load() -> ImageData:
+            d = self.cfg.data
+            return load_dataset(d.source, d.image_size, d.channels or None, progress=self.progress and self.dist.is_main)
+        if self.dist.world_size == 1:
+            return load()
+        if self.dist.is_main:
+            data = load()
+            dist.barrier()
+            return data
+        dist.barrier()
+        return load()
+
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.data.images), generator=g)
@@ -239,18 +251,24 @@ class Trainer:
         sums = torch.zeros(2, 4, device=self.device)
         last_log_time, last_log_step = start_time, self.step
         reason = "max_steps"
-        bar = tqdm(total=tc.max_steps, initial=self.step, desc="training", unit="step",
-                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        # with a time budget the bar counts seconds (its ETA is then true); otherwise steps
+        timed = bool(tc.minutes)
+        bar = tqdm(total=round(tc.minutes * 60) if timed else tc.max_steps, initial=0 if timed else self.step,
+                   desc="training", unit="s" if timed else "step", disable=not (self.progress and self.dist.is_main),
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]" if timed else None)
         with torch.random.fork_rng(devices=[]), stop_requests() as stop:
             torch.set_rng_state(self.global_rng)
             self.model.train()
             while self.step < end:
                 grad_norm = self._train_step(sums)
-                bar.update(1)
+                if timed:
+                    bar.update(min(time.monotonic() - start_time, tc.minutes * 60) - bar.n)
+                else:
+                    bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == end:
                     now = time.monotonic()
                     record = self._log(sums, grad_norm, (self.step - last_log_step) * tc.batch_size / max(now - last_log_time, 1e-9))
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                    bar.set_postfix(step=self.step, loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                     sums.zero_()
                     last_log_time, last_log_step = now, self.step
                 if tc.sample_every and self.step % tc.sample_every == 0:
