@@ -1,0 +1,262 @@
+"""Samplers side by side on one model and the same seeds: speed, and quality through ``difflab eval``.
+
+The question (the homework's Q2): DDPM needs all T = 1000 steps, DDIM gets comparable images in
+10-100. Each sampler generates the same ``n`` images (image k from seed (seed, k), the same
+initial noise x_T for every sampler); we time the sampling alone (not the writing of files),
+count the network evaluations, and score each folder with FID, KID and the detection rate via
+:func:`difflab.metrics.evaluate.evaluate`.
+
+Sampler specs are ``KIND[-STEPS][-etaETA]``: ``ddpm`` (every training step), ``ddpm-1000``,
+``ddim-50``, ``ddim-50-eta1``. KIND is any :class:`difflab.samplers.SamplerKind` value.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab.errors import ConfigError, DifflabError, parse_choice
+from difflab.samplers import SamplerConfig, SamplerKind, make_grid, sample_batches
+from difflab.samplers.noise import randn
+
+DEFAULT_SAMPLERS = "ddpm,ddim-10,ddim-20,ddim-50,ddim-100,ddim-50-eta1"
+_ETA = re.compile(r"^eta(\d+(?:\.\d*)?|\.\d+)$")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str  # canonical: kind-steps[-etaX]
+    config: SamplerConfig
+    steps: int  # resolved number of grid steps
+
+
+def parse_sampler_spec(text: str, num_timesteps: int) -> SamplerSpec:
+    """``ddim-50-eta1`` -> SamplerSpec('ddim-50-eta1', SamplerConfig('ddim', 50, eta=1.0), 50).
+
+    Trailing ``-N`` is the step count and ``-etaX`` the DDIM eta; what is left is the sampler kind
+    (which may itself contain dashes). Without a step count, ddpm uses every training timestep
+    and other samplers 50 (as ``difflab sample`` does).
+    """
+    spec = text.strip()
+    parts = spec.split("-")
+    steps: int | None = None
+    eta = 0.0
+    while len(parts) > 1:
+        tail = parts[-1]
+        if tail.isdigit() and steps is None:
+            steps = int(tail)
+        elif _ETA.match(tail) and eta == 0.0 and steps is None:
+            eta = float(_ETA.match(tail).group(1))  # type: ignore[union-attr]
+        else:
+            break
+        parts.pop()
+    kind_text = "-".join(parts)
+    if not kind_text:
+        raise ConfigError(f"--samplers: empty sampler name in {text!r}")
+    try:
+        kind = parse_choice(SamplerKind, kind_text, "sampler")
+        if steps is None:
+            steps = num_timesteps if kind is SamplerKind.DDPM else min(50, num_timesteps)
+        cfg = SamplerConfig(sampler=kind, steps=steps, eta=eta)
+    except ConfigError as e:
+        raise ConfigError(f"--samplers {spec!r}: {e} (a spec is KIND[-STEPS][-etaETA], e.g. ddim-50-eta1)") from None
+    if steps > num_timesteps:
+        raise ConfigError(f"--samplers {spec!r}: {steps} steps exceed the model's {num_timesteps} training timesteps")
+    name = f"{kind.value}-{steps}" + (f"-eta{eta:g}" if eta else "")
+    return SamplerSpec(name=name, config=cfg, steps=steps)
+
+
+def parse_sampler_specs(text: str, num_timesteps: int) -> list[SamplerSpec]:
+    items = [s for s in (p.strip() for p in text.split(","))]
+    if not items or any(not s for s in items):
+        raise ConfigError(f"--samplers must be a comma-separated list like {DEFAULT_SAMPLERS}, got {text!r}")
+    specs = [parse_sampler_spec(s, num_timesteps) for s in items]
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"--samplers lists {', '.join(dup)} twice")
+    return specs
+
+
+class _CallCounter:
+    """Counts forward calls of a module (network evaluations), whatever the sampler does."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir: Path, *, seed: int,
+             batch_size: int, fmt: str = "png", progress: bool = True) -> dict[str, Any]:
+    """Sample ``n`` images with ``spec`` into ``out_dir`` (1.png ...); time the sampling alone."""
+    from difflab.viz import save_numbered
+
+    make_grid(denoiser.schedule, spec.config)  # fail before any work
+    counter = _CallCounter(denoiser.model)
+    seconds, batches, first = 0.0, 0, None
+    try:
+        it = sample_batches(denoiser, n, shape, spec.config, seed=seed, batch_size=batch_size, progress=progress)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                idx, imgs = next(it)
+            except StopIteration:
+                break
+            seconds += time.perf_counter() - t0
+            batches += 1
+            save_numbered(imgs, out_dir, idx.start, fmt)
+            if first is None:
+                first = imgs[:8].clone()
+    finally:
+        counter.close()
+    return {"sampler": spec.name, "kind": spec.config.sampler.value, "steps": spec.steps, "eta": spec.config.eta,
+            "config": spec.config.to_dict(), "n": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-12),
+            "nfe": counter.calls / max(batches, 1), "folder": str(out_dir),
+            "fid": None, "kid_mean": None, "kid_std": None, "detect_rate": None, "_first": first}
+
+
+def warm_up(denoiser, shape: Sequence[int], batch: int) -> None:
+    """One network call at the batch size used, so the first sampler timed does not pay for the
+    one-off setup (oneDNN primitive creation, allocator growth) that the others then reuse."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        denoiser(randn((batch, *shape), g), float(denoiser.schedule.num_timesteps - 1))
+
+
+def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed: int = 0, batch_size: int = 64,
+                   eval_kwargs: dict[str, Any] | None = None, clip: str = "none", progress: bool = True) -> dict[str, Any]:
+    """Generate with every sampler, then evaluate each folder; return the result dict written as JSON.
+
+    ``eval_kwargs`` are :class:`~difflab.metrics.evaluate.EvalConfig` fields (``real``,
+    ``metrics``, ...) or None to measure speed only.
+    """
+    denoiser = run.denoiser(clip)
+    warm_up(denoiser, run.image_shape, min(n, batch_size))
+    rows = []
+    outer = tqdm(specs, desc="samplers", unit="sampler", disable=not progress or len(specs) < 2)
+    for spec in outer:
+        outer.set_postfix_str(spec.name)
+        rows.append(generate(denoiser, spec, n, run.image_shape, out / spec.name, seed=seed, batch_size=batch_size,
+                             progress=progress))
+    outer.close()
+    if eval_kwargs:
+        from difflab.metrics.evaluate import EvalConfig, evaluate
+
+        for row in rows:
+            res = evaluate(EvalConfig(fake=row["folder"], progress=progress, **eval_kwargs))
+            row.update({k: res.get(k) for k in ("fid", "kid_mean", "kid_std", "detect_rate")})
+            row["eval"] = {k: v for k, v in res.items() if k not in ("config",)}
+    base = next((r for r in rows if r["kind"] == SamplerKind.DDPM.value and r["steps"] == run.schedule.num_timesteps), None)
+    for row in rows:
+        row["speedup_vs_ddpm"] = base["seconds"] / row["seconds"] if base and row["seconds"] > 0 else None
+    firsts = [r.pop("_first") for r in rows]
+    return {"run": str(run.path), "step": run.step, "n": n, "seed": seed, "batch_size": batch_size, "clip": clip,
+            "num_timesteps": run.schedule.num_timesteps, "image_shape": list(run.image_shape),
+            "threads": torch.get_num_threads(), "metrics": (eval_kwargs or {}).get("metrics", []),
+            "real": (eval_kwargs or {}).get("real"), "rows": rows, "_firsts": firsts}
+
+
+def _f(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The comparison as a markdown table, one row per sampler, in the order they ran."""
+    have = {k: any(r.get(k) is not None for r in result["rows"]) for k in ("fid", "kid_mean", "detect_rate")}
+    head = ["sampler", "steps", "eta", "network evals / image", "wall time (s)", "images/s", "speed-up vs DDPM"]
+    head += ["FID"] * have["fid"] + ["KID (x1000)"] * have["kid_mean"] + ["detection rate"] * have["detect_rate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in result["rows"]:
+        cells = [f"`{r['sampler']}`", str(r["steps"]), f"{r['eta']:g}", f"{r['nfe']:g}", f"{r['seconds']:.2f}",
+                 f"{r['images_per_s']:.2f}", _f(r["speedup_vs_ddpm"], ".1f") + ("x" if r["speedup_vs_ddpm"] else "")]
+        if have["fid"]:
+            cells.append(_f(r.get("fid"), ".2f"))
+        if have["kid_mean"]:
+            cells.append("-" if r.get("kid_mean") is None else f"{1000 * r['kid_mean']:.2f} ± {1000 * r['kid_std']:.2f}")
+        if have["detect_rate"]:
+            cells.append(_f(r.get("detect_rate"), ".3f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\n{result['n']} images per sampler, seeds ({result['seed']}, k) for image k (the same initial noise for "
+            f"every sampler); run `{result['run']}` at step {result['step']}, T = {result['num_timesteps']}, "
+            f"{result['threads']} torch threads. Wall time is sampling only (no file writing).")
+    if result.get("real"):
+        note += f" FID/KID against `{result['real']}`."
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def comparison_figure(result: dict[str, Any]):
+    """Left: images/s against steps (log-log). Right: FID (or KID, or detection rate) against
+    steps, when measured. DDIM eta=0, DDIM with noise and DDPM each have their own marker."""
+    from difflab.visualize.figure import new_figure
+
+    rows = result["rows"]
+    quality = next((k for k in ("fid", "kid_mean", "detect_rate") if any(r.get(k) is not None for r in rows)), None)
+    fig = new_figure(11 if quality else 6, 4.2)
+    axes = fig.subplots(1, 2 if quality else 1)
+    axes = list(axes) if quality else [axes]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = r["kind"].upper() + (f" (eta={r['eta']:g})" if r["kind"] == "ddim" or r["eta"] else "")
+        groups.setdefault(key, []).append(r)
+    markers = "osD^vP*X"
+    labels = {"fid": "FID (lower is better)", "kid_mean": "KID (lower is better)",
+              "detect_rate": "detection rate (higher is better)"}
+    for g, (key, rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: r["steps"])
+        steps = [r["steps"] for r in rs]
+        style = dict(marker=markers[g % len(markers)], ms=7, lw=1.5, label=key)
+        axes[0].plot(steps, [r["images_per_s"] for r in rs], **style)
+        if quality:
+            ys = [r.get(quality) for r in rs]
+            err = [r.get("kid_std") for r in rs] if quality == "kid_mean" else None
+            pts = [(s, y, e) for s, y, e in zip(steps, ys, err or [None] * len(ys)) if y is not None]
+            if pts:
+                axes[1].errorbar([p[0] for p in pts], [p[1] for p in pts],
+                                 yerr=[p[2] for p in pts] if err else None, capsize=3, **style)
+        for r in rs:
+            axes[0].annotate(r["sampler"], (r["steps"], r["images_per_s"]), textcoords="offset points",
+                             xytext=(5, 4), fontsize=7, color="0.3")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set(xlabel="sampling steps (log scale)", ylabel="images per second (log scale)",
+                title=f"Speed ({result['n']} images, {result['threads']} CPU threads)")
+    if quality:
+        axes[1].set_xscale("log")
+        axes[1].set(xlabel="sampling steps (log scale)", ylabel=labels[quality],
+                    title=f"Quality ({labels[quality].split(' (')[0]}, n = {result['n']})")
+    for ax in axes:
+        ax.margins(x=0.12, y=0.12)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Samplers on {Path(result['run']).name} (step {result['step']}, T = {result['num_timesteps']})",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def samples_figure(result: dict[str, Any], firsts: Sequence[torch.Tensor]):
+    """One row per sampler: its first images (same seeds in every row)."""
+    from difflab.data.dataset import to_uint8
+    from difflab.visualize.figure import image_grid_figure
+
+    k = min(len(f) for f in firsts)
+    panel = to_uint8(torch.stack([f[:k] for f in firsts]))
+    return image_grid_figure([panel], titles=[f"seed ({result['seed']}, {j})" for j in range(k)],
+                             row_titles=[r["sampler"] for r in result["rows"]],
+                             panel_titles=["Same initial noise, different samplers"])
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DifflabError(f"--out {out} is a file, not a folder")
