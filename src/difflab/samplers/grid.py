@@ -5,9 +5,23 @@ A :class:`Grid` of N steps holds the N model timesteps ``t`` the network is eval
 where ``sigma[i]`` belongs to ``t[i]`` and ``sigma[N] = 0`` is clean data. A sampler moves from
 sigma[i] to sigma[i + 1] at step i, so it never has to recompute "the previous timestep" inside a
 step (the source of diffusers bugs #11347 and #12633).
+
+Grid kinds (:class:`GridKind`) for a model trained on the discrete timesteps t = 0..T-1:
+
+- ``uniform``: integer timesteps evenly spaced in t (respaced; DDIM's and DDPM's classic grid);
+- ``quadratic``: integer timesteps with t_i ~ i^2, dense near the data end;
+- ``log-snr``: sigmas evenly spaced in log-SNR = -2 log sigma between the schedule's sigma_max and
+  sigma_min (the step size h of DPM-Solver is then constant; Lu et al. 2022);
+- ``karras``: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with
+  rho = 7 (Karras et al. 2022, arXiv:2206.00364, eq. 5).
+
+The sigma-defined kinds place steps between training timesteps: t = schedule.t_at_sigma(sigma),
+the log-sigma interpolation of k-diffusion's discrete-model wrapper, so t is fractional. Every
+kind starts at t = T - 1 (sigma_max), visits t = 0 (sigma_min) last and then steps to sigma = 0.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -23,6 +37,20 @@ F64 = torch.float64
 class Spacing(str, Enum):
     UNIFORM = "uniform"  # evenly spaced in t
     QUADRATIC = "quadratic"  # t_i ~ i^2: dense near the data end (Song et al. 2021, DDIM appendix)
+
+
+class GridKind(str, Enum):
+    """How the N steps of a grid are placed (see the module docstring)."""
+
+    UNIFORM = "uniform"  # integer t, evenly spaced (Spacing.UNIFORM)
+    QUADRATIC = "quadratic"  # integer t, t_i ~ i^2 (Spacing.QUADRATIC)
+    LOG_SNR = "log-snr"  # sigma evenly spaced in log-SNR
+    KARRAS = "karras"  # Karras et al. 2022, rho = 7
+
+    @property
+    def in_sigma(self) -> bool:
+        """True for the kinds defined by their sigmas (fractional t)."""
+        return self in (GridKind.LOG_SNR, GridKind.KARRAS)
 
 
 @dataclass(frozen=True)
@@ -72,10 +100,78 @@ def discrete_grid(schedule: NoiseSchedule, steps: int | None = None, spacing: Sp
     """Grid over the training timesteps: all T of them, or ``steps`` of them respaced.
 
     Built through :meth:`NoiseSchedule.respace`, so a DDPM step on this grid is exactly the
-    posterior of the respaced process (improved-diffusion ``respace.py``).
+    posterior of the respaced process (improved-diffusion ``respace.py``). The noise levels are read
+    from the schedule's own table (the respaced schedule's cumprod reproduces them only to ~1e-8
+    relative where abar is tiny, e.g. at the end of the cosine schedule).
     """
     ts = spaced_timesteps(schedule.num_timesteps, schedule.num_timesteps if steps is None else steps, spacing)
     respaced = schedule.respace(ts)
     t = respaced.timestep_map.flip(0)
-    sigma = torch.cat([respaced.sigmas.flip(0), torch.zeros(1, dtype=F64)])
+    sigma = torch.cat([schedule.sigmas[ts].flip(0), torch.zeros(1, dtype=F64)])
     return Grid(t=t, sigma=sigma)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """``steps`` decreasing sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)
+    (Karras et al. 2022, eq. 5), in float64, with both ends exact."""
+    _check_sigma_range(steps, sigma_min, sigma_max)
+    if rho <= 0:
+        raise ConfigError(f"karras grid needs rho > 0, got {rho}")
+    if steps == 1:
+        return torch.tensor([sigma_max], dtype=F64)
+    ramp = torch.linspace(0, 1, steps, dtype=F64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min
+    return sigmas
+
+
+def log_snr_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """``steps`` decreasing sigmas from sigma_max to sigma_min, evenly spaced in log-SNR
+    (log-SNR = -2 log sigma), in float64, with both ends exact."""
+    _check_sigma_range(steps, sigma_min, sigma_max)
+    if steps == 1:
+        return torch.tensor([sigma_max], dtype=F64)
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=F64).exp()
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min
+    return sigmas
+
+
+def _check_sigma_range(steps: int, sigma_min: float, sigma_max: float) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ConfigError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+
+
+def sigma_grid(schedule: NoiseSchedule, sigmas: Tensor) -> Grid:
+    """The grid visiting the decreasing noise levels ``sigmas`` (then sigma = 0) of a discrete-time
+    model: t = schedule.t_at_sigma(sigma), fractional, interpolating log-sigma. Noise levels must lie
+    in the schedule's range [sigma_min, sigma_max]; the ends map exactly to t = T - 1 and t = 0."""
+    sigmas = torch.as_tensor(sigmas, dtype=F64)
+    lo, hi = schedule.sigma_min, schedule.sigma_max
+    if sigmas.ndim != 1 or len(sigmas) == 0 or float(sigmas.max()) > hi or float(sigmas.min()) < lo:
+        raise ConfigError(f"grid noise levels must lie in the model's range [{lo:.4g}, {hi:.4g}]")
+    t = schedule.t_at_sigma(sigmas)
+    t = torch.where(sigmas == hi, torch.full_like(t, schedule.num_timesteps - 1), t)
+    t = torch.where(sigmas == lo, torch.zeros_like(t), t)
+    return Grid(t=t, sigma=torch.cat([sigmas, torch.zeros(1, dtype=F64)]))
+
+
+def build_grid(schedule: NoiseSchedule, steps: int | None = None, kind: GridKind | str = GridKind.UNIFORM, *,
+               rho: float = 7.0) -> Grid:
+    """A grid of ``steps`` steps (None: one per training timestep) of the given kind.
+
+    ``uniform`` and ``quadratic`` are :func:`discrete_grid` (integer timesteps, at most T of them);
+    ``log-snr`` and ``karras`` run from the schedule's sigma_max (t = T - 1) to its sigma_min
+    (t = 0) and may have any number of steps.
+    """
+    kind = parse_choice(GridKind, kind, "grid kind")
+    if not kind.in_sigma:
+        return discrete_grid(schedule, steps, Spacing(kind.value))
+    n = schedule.num_timesteps if steps is None else steps
+    if kind is GridKind.KARRAS:
+        sigmas = karras_sigmas(n, schedule.sigma_min, schedule.sigma_max, rho)
+    else:
+        sigmas = log_snr_sigmas(n, schedule.sigma_min, schedule.sigma_max)
+    return sigma_grid(schedule, sigmas)

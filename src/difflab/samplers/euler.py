@@ -1,0 +1,53 @@
+"""Euler's method on the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 2
+with Euler steps only; with churn = 0 it is the deterministic sampler of their sec. 3)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import Denoiser
+from difflab.samplers.base import Callback
+from difflab.samplers.grid import Grid
+from difflab.samplers.noise import Generators
+from difflab.samplers.ve import VEModel, check_churn, churn_gamma, lift_noise, report, to_y
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: Generators = None,
+    callback: Callback = None,
+    **cond: Any,
+) -> Tensor:
+    """y_next = y + (sigma_next - sigma) (y - D(y; sigma)) / sigma at each grid step; N steps cost
+    N network evaluations.
+
+    First order. In y = x / sqrt(abar) this step equals (sigma_next/sigma) y + (1 - sigma_next/sigma) D,
+    which is exactly deterministic DDIM on the same grid (Song et al. 2021; Karras et al. sec. 4) and
+    first-order DPM-Solver++. ``churn`` > 0 adds Algorithm 2's noise injection (S_churn,
+    applied where S_tmin <= sigma <= S_tmax, scaled by S_noise) before each step's evaluation.
+    """
+    check_churn(churn, s_tmin, s_tmax, s_noise)
+    model, n = VEModel(denoiser, cond), len(grid)
+    sigmas, ts = grid.sigma.tolist(), grid.t.tolist()
+    y = to_y(x, sigmas[0])
+    for i in range(n):
+        sigma, t, sigma_next = sigmas[i], ts[i], sigmas[i + 1]
+        gamma = churn_gamma(churn, n, sigma, s_tmin, s_tmax)
+        y, sigma_hat = lift_noise(y, sigma, gamma, denoiser.schedule.sigma_max, s_noise, generator)
+        t_hat = t if sigma_hat == sigma else model.t_at(sigma_hat)
+        d0 = model(y, sigma_hat, t_hat)
+        y_next = d0 + (sigma_next / sigma_hat) * (y - d0)  # = y + (sigma_next - sigma_hat) * d
+        report(callback, i, t_hat, sigma_hat, y, d0, y_next, sigma_next)
+        y = y_next
+    return y
