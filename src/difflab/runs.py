@@ -23,7 +23,9 @@ class LoadedRun:
     schedule: NoiseSchedule
     step: int
 
-    def denoiser(self, clip: Clip | str = Clip.NONE) -> Denoiser:
+    def denoiser(self, clip: Clip | str = Clip.CLIP) -> Denoiser:
+        """The run's network as a denoiser; x0_hat is clipped to the data range [-1, 1] by default
+        (as in DDPM and improved-diffusion), which keeps undertrained models from saturating."""
         return Denoiser(self.model, self.schedule, self.config.loss.prediction, clip=clip)
 
     @property

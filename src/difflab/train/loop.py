@@ -306,7 +306,7 @@ class Trainer:
 
     # -- outputs -------------------------------------------------------------------------
     def denoiser(self, use_ema: bool = True) -> Denoiser:
-        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss.prediction)
+        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss.prediction, clip="clip")
 
     @torch.no_grad()
     def save_samples(self) -> None:
