@@ -257,3 +257,31 @@ def test_config_choices_defaults_and_round_trip():
     for cfg in [SamplerConfig(), SamplerConfig(sampler="heun", steps=18, grid="karras", churn=2.5)]:
         assert from_dict(SamplerConfig, cfg.to_dict()) == cfg
 
+
+def test_cli_sample_with_the_new_samplers(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from difflab.cli import main
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(8):
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(folder / f"{k}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(folder), "--out", str(run), "--max-steps", "1", "--preset", "tiny",
+                 "--image-size", "16", "--batch-size", "4", "--no-progress", "train.precision=fp32"]) == 0
+    for sampler, extra, nfe_expected, grid in [("heun", ["--churn", "1"], 5, "karras"),
+                                               ("dpmpp-2m-sde", ["--grid-kind", "quadratic"], 3, "quadratic")]:
+        out = tmp_path / sampler
+        argv = ["sample", "--run", run, "-n", 2, "--sampler", sampler, "--steps", 3, "--out", out, "--no-progress", *extra]
+        assert main([str(a) for a in argv]) == 0
+        meta = json.loads((out / "sampling.json").read_text())
+        assert meta["nfe_per_image"] == nfe_expected and meta["grid_kind"] == grid and (out / "2.jpg").is_file()
+    capsys.readouterr()
+    for bad, message in [(["--grid-kind", "cosine"], "invalid choice"), (["--sampler", "dpmpp-2m", "--churn", "1"], "churn")]:
+        assert main(["sample", "--run", str(run), *bad]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("difflab: error:") and message in err[0], err

@@ -109,20 +109,25 @@ def run_train(args: argparse.Namespace) -> int:
 
 # -- sample -----------------------------------------------------------------------------------
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    from difflab.samplers import SamplerKind, Spacing
+    from difflab.samplers import GridKind, SamplerKind, Spacing
 
     p.add_argument("--run", required=True, help="a run directory made by `difflab train`")
     p.add_argument("-n", type=_positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--sampler", default="ddim", choices=[k.value for k in SamplerKind], help="default ddim")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50; ddpm: all training steps)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="sampling steps (default: 50; ddpm: all training steps); heun costs 2N-1 network calls, others N")
+    p.add_argument("--grid-kind", choices=[k.value for k in GridKind],
+                   help="step grid (default: uniform for ddpm/ddim, karras for euler/heun, log-snr for dpmpp-*)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM (default 0)")
-    p.add_argument("--spacing", default="uniform", choices=[s.value for s in Spacing], help="timestep spacing")
+    p.add_argument("--churn", type=_nonneg_float, default=0.0, help="euler/heun: Karras et al.'s S_churn noise (default 0)")
+    p.add_argument("--spacing", default="uniform", choices=[s.value for s in Spacing], help="older name for --grid-kind uniform|quadratic")
     p.add_argument("--variance", default="fixed-small", choices=["fixed-small", "fixed-large"], help="DDPM variance")
-    p.add_argument("--clip", default="none", choices=["none", "clip", "dynamic"], help="x0 clipping (default none)")
+    p.add_argument("--clip", default="clip", choices=["none", "clip", "dynamic"],
+                   help="x0_hat clipping to the data range [-1, 1] at each step (default clip; dynamic = Imagen thresholding)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--out", help="folder for 1.jpg ... N.jpg (default: RUN/samples/<sampler>-<steps>)")
+    p.add_argument("--out", help="folder for 1.jpg ... N.jpg (default: RUN/samples/<sampler>-<steps>[-<grid-kind>])")
     p.add_argument("--format", default="jpg", choices=["jpg", "png"], help="image format (default jpg)")
     p.add_argument("--grid", help="also save a grid of the first 64 images to this file")
     p.add_argument("--no-progress", action="store_true")
@@ -134,9 +139,11 @@ def run_sample(args: argparse.Namespace) -> int:
     from difflab.viz import save_grid, save_numbered
 
     steps = args.steps if args.steps is not None else (None if args.sampler == "ddpm" else 50)
-    cfg = SamplerConfig(sampler=args.sampler, steps=steps, eta=args.eta, spacing=args.spacing, variance=args.variance)
+    cfg = SamplerConfig(sampler=args.sampler, steps=steps, eta=args.eta, spacing=args.spacing, variance=args.variance,
+                        grid=args.grid_kind, churn=args.churn)
     run = load_run(args.run, weights=args.weights)
-    out = Path(args.out) if args.out else run.path / "samples" / f"{args.sampler}-{steps or run.schedule.num_timesteps}"
+    name = f"{args.sampler}-{steps or run.schedule.num_timesteps}" + (f"-{args.grid_kind}" if args.grid_kind else "")
+    out = Path(args.out) if args.out else run.path / "samples" / name
     first = []
     t0 = time.monotonic()
     for idx, imgs in sample_batches(run.denoiser(args.clip), args.n, run.image_shape, cfg, seed=args.seed,
@@ -146,7 +153,8 @@ def run_sample(args: argparse.Namespace) -> int:
             first.append(imgs)
     seconds = time.monotonic() - t0
     meta = {"run": str(run.path), "step": run.step, "n": args.n, "seed": args.seed, "weights": args.weights,
-            "clip": args.clip, "sampler": cfg.to_dict(), "seconds": seconds}
+            "clip": args.clip, "sampler": cfg.to_dict(), "grid_kind": cfg.grid_kind.value,
+            "nfe_per_image": cfg.nfe(run.schedule.num_timesteps), "seconds": seconds}
     from difflab.io import atomic_write_json
     atomic_write_json(out / "sampling.json", meta)
     if args.grid:
@@ -160,13 +168,16 @@ def run_sample(args: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------------------------
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; replaced if it is a finished demo)")
-    p.add_argument("--minutes", type=_nonneg_float, default=4.0, help="training budget (default 4)")
+    p.add_argument("--minutes", type=_nonneg_float, default=5.0, help="training budget (default 5)")
     p.add_argument("--no-progress", action="store_true")
 
 
+# A recipe for a few CPU minutes (chosen by looking at sample grids during short runs): the
+# 'small' UNet with one block per level, a high learning rate, a short EMA half-life, no dropout.
 DEMO_OVERRIDES = [
-    "train.batch_size=64", "train.lr=1e-3", "train.warmup_steps=100", "train.ema_halflife_images=10000",
-    "train.sample_every=500", "train.checkpoint_every=500", "train.max_steps=100000", "model.dropout=0",
+    "model.num_res_blocks=1", "model.dropout=0", "train.batch_size=64", "train.lr=2e-3",
+    "train.warmup_steps=100", "train.ema_halflife_images=5000", "train.sample_every=250",
+    "train.checkpoint_every=250", "train.max_steps=100000",
 ]
 
 
@@ -213,6 +224,9 @@ def _commands() -> dict[str, tuple[str, Callable, Callable]]:
     except ImportError:  # the metrics package is optional at import time only while it is built
         return cmds
     cmds.update(metrics_cli.COMMANDS)
+    from difflab.visualize import cli as visualize_cli  # noise, progress, animate, curves, compare
+
+    cmds.update(visualize_cli.COMMANDS)
     return cmds
 
 
