@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from difflab.errors import DataError
+from difflab.metrics.inception import torch_threads
 
 __all__ = [
     "GaussianStats", "fid_from_features", "frechet_distance", "gaussian_stats", "trace_sqrt_product",
@@ -75,6 +76,12 @@ def _check(mu: np.ndarray, sigma: np.ndarray, what: str) -> tuple[np.ndarray, np
     return mu, (sigma + sigma.T) / 2.0
 
 
+# _EIGH_THREADS: torch's symmetric eigensolvers (MKL LAPACK) run on one thread here. With two
+# threads on this 2-core machine, eigvalsh of a 1000 x 1000 matrix took 24 s instead of 0.3 s
+# while another process was busy (bench/eval_speed.py, BENCHMARKS.md); the matrix products
+# around them keep torch's thread setting.
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
 
@@ -82,10 +89,12 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """``Tr sqrt(S1 S2)`` for symmetric PSD ``S1``, ``S2`` (see the module docstring)."""
     s1, s2 = _t(sigma1), _t(sigma2)
-    w, v = torch.linalg.eigh((s1 + s1.T) / 2.0)
+    with torch_threads(1):  # see _EIGH_THREADS
+        w, v = torch.linalg.eigh((s1 + s1.T) / 2.0)
     r = (v * w.clamp_min(0.0).sqrt()) @ v.T  # sqrt(S1)
     m = r @ s2 @ r
-    lam = torch.linalg.eigvalsh((m + m.T) / 2.0)
+    with torch_threads(1):
+        lam = torch.linalg.eigvalsh((m + m.T) / 2.0)
     return float(lam.clamp_min(0.0).sqrt().sum())
 
 
@@ -100,7 +109,8 @@ def trace_sqrt_product_lowrank(features1: np.ndarray, sigma2: np.ndarray) -> flo
     f = _t(features1)
     a = (f - f.mean(0)) / float(np.sqrt(f.shape[0] - 1))
     m = a @ _t(sigma2) @ a.T
-    lam = torch.linalg.eigvalsh((m + m.T) / 2.0)
+    with torch_threads(1):  # see _EIGH_THREADS
+        lam = torch.linalg.eigvalsh((m + m.T) / 2.0)
     return float(lam.clamp_min(0.0).sqrt().sum())
 
 
