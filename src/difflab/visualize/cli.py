@@ -34,15 +34,18 @@ def _out_file(path: str, flag: str, suffix: str) -> Path:
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, default: str) -> None:
-    from difflab.samplers import SamplerKind, Spacing
+    from difflab.samplers import GridKind, SamplerKind, Spacing
 
     p.add_argument("--run", required=True, help="a run directory made by `difflab train`")
     p.add_argument("--sampler", default=default, choices=[k.value for k in SamplerKind], help=f"default {default}")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm every training step, else 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM-like (default 0)")
-    p.add_argument("--spacing", default="uniform", choices=[s.value for s in Spacing], help="timestep spacing")
+    p.add_argument("--grid-kind", choices=[k.value for k in GridKind], help="step grid (default: the sampler's own)")
+    p.add_argument("--spacing", default="uniform", choices=[s.value for s in Spacing],
+                   help="older name for --grid-kind uniform|quadratic")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
-    p.add_argument("--clip", default="none", choices=["none", "clip", "dynamic"], help="x0 clipping (default none)")
+    p.add_argument("--clip", default="clip", choices=["none", "clip", "dynamic"],
+                   help="x0_hat clipping to [-1, 1] at each step, as in `difflab sample` (default clip)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k), as in `difflab sample`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -54,7 +57,7 @@ def _trajectory(args: argparse.Namespace, n: int, frames: int):
 
     run = load_run(args.run, weights=args.weights)
     steps = args.steps if args.steps is not None else (None if args.sampler == "ddpm" else 50)
-    cfg = SamplerConfig(sampler=args.sampler, steps=steps, eta=args.eta, spacing=args.spacing)
+    cfg = SamplerConfig(sampler=args.sampler, steps=steps, eta=args.eta, spacing=args.spacing, grid=args.grid_kind)
     traj = record_trajectory(run.denoiser(args.clip), n, run.image_shape, cfg, frames=frames, seed=args.seed,
                              progress=not args.no_progress)
     return run, traj
@@ -169,7 +172,8 @@ def run_animate(args: argparse.Namespace) -> int:
 # -- curves -------------------------------------------------------------------------------------
 def add_curves_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a run directory (reads its log.jsonl)")
-    p.add_argument("--smooth", type=float, default=0.9, help="EMA smoothing weight in [0, 1) (default 0.9; 0 = raw)")
+    p.add_argument("--smooth", type=float, default=0.8,
+                   help="EMA weight in [0, 1) for the smoothed lines, applied to log(loss) (default 0.8; 0 = raw)")
     p.add_argument("--out", help="the figure (PNG; default RUN/curves.png)")
 
 
@@ -209,7 +213,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k) with every sampler")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
-    p.add_argument("--clip", default="none", choices=["none", "clip", "dynamic"], help="x0 clipping (default none)")
+    p.add_argument("--clip", default="clip", choices=["none", "clip", "dynamic"],
+                   help="x0_hat clipping to [-1, 1] at each step, as in `difflab sample` (default clip)")
     p.add_argument("--no-progress", action="store_true")
 
 

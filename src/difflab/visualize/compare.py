@@ -65,7 +65,7 @@ def parse_sampler_spec(text: str, num_timesteps: int) -> SamplerSpec:
         cfg = SamplerConfig(sampler=kind, steps=steps, eta=eta)
     except ConfigError as e:
         raise ConfigError(f"--samplers {spec!r}: {e} (a spec is KIND[-STEPS][-etaETA], e.g. ddim-50-eta1)") from None
-    if steps > num_timesteps:
+    if steps > num_timesteps and not cfg.grid_kind.in_sigma:  # integer grids stop at T; sigma grids do not
         raise ConfigError(f"--samplers {spec!r}: {steps} steps exceed the model's {num_timesteps} training timesteps")
     name = f"{kind.value}-{steps}" + (f"-eta{eta:g}" if eta else "")
     return SamplerSpec(name=name, config=cfg, steps=steps)
@@ -135,7 +135,7 @@ def warm_up(denoiser, shape: Sequence[int], batch: int) -> None:
 
 
 def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed: int = 0, batch_size: int = 64,
-                   eval_kwargs: dict[str, Any] | None = None, clip: str = "none", progress: bool = True) -> dict[str, Any]:
+                   eval_kwargs: dict[str, Any] | None = None, clip: str = "clip", progress: bool = True) -> dict[str, Any]:
     """Generate with every sampler, then evaluate each folder; return the result dict written as JSON.
 
     ``eval_kwargs`` are :class:`~difflab.metrics.evaluate.EvalConfig` fields (``real``,

@@ -90,9 +90,20 @@ def smooth(values: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
-def curves_figure(log: TrainingLog, *, num_timesteps: int | None = None, smoothing: float = 0.9, title: str | None = None):
+def smooth_positive(values: np.ndarray, weight: float) -> np.ndarray:
+    """:func:`smooth` in log space (a geometric moving average) when every value is positive: a
+    loss that falls by orders of magnitude is then not dragged up by its first, large values."""
+    finite = values[~np.isnan(values)]
+    if len(finite) and (finite > 0).all():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.exp(smooth(np.log(values), weight))
+    return smooth(values, weight)
+
+
+def curves_figure(log: TrainingLog, *, num_timesteps: int | None = None, smoothing: float = 0.8, title: str | None = None):
     """Left: the loss against step (raw, faint; smoothed, bold). Right: the smoothed loss per
-    timestep quartile. Both on a log y-axis when the loss spans more than a factor of 3."""
+    timestep quartile. Both on a log y-axis when the loss spans more than a factor of 3; the
+    smoothing is a debiased EMA of log(loss) (:func:`smooth_positive`)."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     from difflab.visualize.figure import new_figure
@@ -100,7 +111,8 @@ def curves_figure(log: TrainingLog, *, num_timesteps: int | None = None, smoothi
     fig = new_figure(11, 4.2)
     ax_l, ax_q = fig.subplots(1, 2)
     (line,) = ax_l.plot(log.step, log.loss, lw=0.8, alpha=0.35, label="logged (mean over log_every steps)")
-    ax_l.plot(log.step, smooth(log.loss, smoothing), lw=2, color=line.get_color(), label=f"smoothed (EMA {smoothing:g})")
+    ax_l.plot(log.step, smooth_positive(log.loss, smoothing), lw=2, color=line.get_color(),
+              label=f"smoothed (EMA {smoothing:g} of log loss)")
     ax_l.set(xlabel="optimizer step", ylabel="training loss (per-example mean)", title="Training loss")
     T = num_timesteps
     colors = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4"]
@@ -109,8 +121,8 @@ def curves_figure(log: TrainingLog, *, num_timesteps: int | None = None, smoothi
         if np.isnan(col).all():
             continue
         rng = f"t in [{j * T // 4}, {(j + 1) * T // 4})" if T else f"quartile {j + 1} of t"
-        ax_q.plot(log.step, col, lw=0.6, alpha=0.25, color=colors[j])
-        ax_q.plot(log.step, smooth(col, smoothing), lw=2, color=colors[j], label=rng)
+        ax_q.plot(log.step, col, lw=0.7, alpha=0.3, color=colors[j])
+        ax_q.plot(log.step, smooth_positive(col, smoothing), lw=2, color=colors[j], label=rng)
     ax_q.set(xlabel="optimizer step", ylabel="training loss (per-example mean)",
              title="Loss by timestep quartile (low t = little noise)")
     values = np.r_[log.loss, log.quartiles.ravel()]
