@@ -259,6 +259,10 @@ def test_compare_table_json_plots_and_ddim_faster(tmp_path, capsys, tiny_run):
     assert _load(out / "compare.png").size == (600, 420)  # speed panel only
     samples = _load(out / "samples.png")
     assert samples.height > 3 * cell_size(16) and str(out) in stdout
+    # a second, smaller comparison into the same folder leaves no stale images behind to be scored
+    assert main(["compare", "--run", str(tiny_run), "-n", "1", "--samplers", "ddim-4", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (out / "ddim-4").iterdir()) == ["1.png"]
 
 
 def test_compare_detection_rate(tmp_path, capsys, tiny_run, lbp_cascade_path):

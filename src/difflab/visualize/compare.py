@@ -102,11 +102,19 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
     """Sample ``n`` images with ``spec`` into ``out_dir`` (1.png ...); time the sampling alone."""
     from difflab.viz import save_numbered
 
-    make_grid(denoiser.schedule, spec.config)  # fail before any work
+    grid = make_grid(denoiser.schedule, spec.config)  # fail before any work
+    if out_dir.is_dir():  # a previous comparison's images (maybe more of them) must not be scored with ours
+        for old in out_dir.iterdir():
+            if re.fullmatch(rf"\d+\.{fmt}", old.name):
+                old.unlink()
     counter = _CallCounter(denoiser.model)
     seconds, batches, first = 0.0, 0, None
+    # a bar over sampler steps of every batch: a DDPM batch takes minutes, a per-image bar would sit at 0
+    bar = tqdm(total=len(grid) * -(-n // batch_size), desc=f"{spec.name} ({n} images)", unit="step",
+               disable=not progress, leave=False)
     try:
-        it = sample_batches(denoiser, n, shape, spec.config, seed=seed, batch_size=batch_size, progress=progress)
+        it = sample_batches(denoiser, n, shape, spec.config, seed=seed, batch_size=batch_size, progress=False,
+                            callback=lambda _: bar.update(1))
         while True:
             t0 = time.perf_counter()
             try:
@@ -120,6 +128,7 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
                 first = imgs[:8].clone()
     finally:
         counter.close()
+        bar.close()
     return {"sampler": spec.name, "kind": spec.config.sampler.value, "steps": spec.steps, "eta": spec.config.eta,
             "config": spec.config.to_dict(), "n": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-12),
             "nfe": counter.calls / max(batches, 1), "folder": str(out_dir),
@@ -187,12 +196,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         if have["detect_rate"]:
             cells.append(_f(r.get("detect_rate"), ".3f"))
         lines.append("| " + " | ".join(cells) + " |")
+    threads = f"{result['threads']} torch thread" + ("s" if result["threads"] != 1 else "")
     note = (f"\n{result['n']} images per sampler, seeds ({result['seed']}, k) for image k (the same initial noise for "
             f"every sampler); run `{result['run']}` at step {result['step']}, T = {result['num_timesteps']}, "
-            f"{result['threads']} torch threads. Wall time is sampling only (no file writing).")
+            f"{threads}. Wall time is sampling only (no file writing).")
     if result.get("real"):
         note += f" FID/KID against `{result['real']}`."
-    return "\n".join(lines) + "\n" + note + "\n"
+    return "\n".join(lines) + "\n\n" + note.lstrip("\n") + "\n"
 
 
 def comparison_figure(result: dict[str, Any]):
@@ -230,7 +240,7 @@ def comparison_figure(result: dict[str, Any]):
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
     axes[0].set(xlabel="sampling steps (log scale)", ylabel="images per second (log scale)",
-                title=f"Speed ({result['n']} images, {result['threads']} CPU threads)")
+                title=f"Speed ({result['n']} images, {result['threads']} CPU thread{'s' if result['threads'] != 1 else ''})")
     if quality:
         axes[1].set_xscale("log")
         axes[1].set(xlabel="sampling steps (log scale)", ylabel=labels[quality],
