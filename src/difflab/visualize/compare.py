@@ -234,9 +234,9 @@ def comparison_figure(result: dict[str, Any]):
             if pts:
                 axes[1].errorbar([p[0] for p in pts], [p[1] for p in pts],
                                  yerr=[p[2] for p in pts] if err else None, capsize=3, **style)
-        for r in rs:
+        for r in rs:  # labels of different groups at the same step count are stacked, not overprinted
             axes[0].annotate(r["sampler"], (r["steps"], r["images_per_s"]), textcoords="offset points",
-                             xytext=(5, 4), fontsize=7, color="0.3")
+                             xytext=(6, 4 - 10 * (g % 3)), fontsize=7, color="0.3")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
     axes[0].set(xlabel="sampling steps (log scale)", ylabel="images per second (log scale)",
