@@ -206,9 +206,9 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def comparison_figure(result: dict[str, Any]):
-    """Left: images/s against steps (log-log). Right: FID (or KID, or detection rate) against
-    steps, when measured. DDIM eta=0, DDIM with noise and DDPM each have their own marker."""
-    from difflab.visualize.figure import new_figure
+    """Left: images/s against network evaluations per image (log-log). Right: FID (or KID, or
+    detection rate) against the same, when measured. DDIM eta=0, DDIM with noise and DDPM each have their own marker."""
+    from difflab.visualize.figure import new_figure, plain_log_axis
 
     rows = result["rows"]
     quality = next((k for k in ("fid", "kid_mean", "detect_rate") if any(r.get(k) is not None for r in rows)), None)
@@ -223,8 +223,8 @@ def comparison_figure(result: dict[str, Any]):
     labels = {"fid": "FID (lower is better)", "kid_mean": "KID (lower is better)",
               "detect_rate": "detection rate (higher is better)"}
     for g, (key, rs) in enumerate(groups.items()):
-        rs = sorted(rs, key=lambda r: r["steps"])
-        steps = [r["steps"] for r in rs]
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        steps = [r["nfe"] for r in rs]  # the cost axis: network evaluations (Heun: 2 per step)
         style = dict(marker=markers[g % len(markers)], ms=7, lw=1.5, label=key)
         axes[0].plot(steps, [r["images_per_s"] for r in rs], **style)
         if quality:
@@ -234,16 +234,27 @@ def comparison_figure(result: dict[str, Any]):
             if pts:
                 axes[1].errorbar([p[0] for p in pts], [p[1] for p in pts],
                                  yerr=[p[2] for p in pts] if err else None, capsize=3, **style)
-        for r in rs:  # labels of different groups at the same step count are stacked, not overprinted
-            axes[0].annotate(r["sampler"], (r["steps"], r["images_per_s"]), textcoords="offset points",
-                             xytext=(6, 4 - 10 * (g % 3)), fontsize=7, color="0.3")
+
+    same_x: dict[float, list[dict]] = {}
+    for r in rows:
+        same_x.setdefault(r["nfe"], []).append(r)
+    for group in same_x.values():  # names of points at the same cost are stacked, not overprinted
+        for rank, r in enumerate(sorted(group, key=lambda r: -r["images_per_s"])):
+            axes[0].annotate(r["sampler"], (r["nfe"], r["images_per_s"]), textcoords="offset points",
+                             xytext=(6, 4 - 11 * rank), fontsize=7, color="0.3")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
-    axes[0].set(xlabel="sampling steps (log scale)", ylabel="images per second (log scale)",
+    xs = [r["nfe"] for r in rows]
+    ys = [r["images_per_s"] for r in rows]
+    plain_log_axis(axes[0].xaxis, min(xs), max(xs))
+    plain_log_axis(axes[0].yaxis, min(ys), max(ys))
+    xlabel = "network evaluations per image (= steps for DDPM, DDIM; log scale)"
+    axes[0].set(xlabel=xlabel, ylabel="images per second (log scale)",
                 title=f"Speed ({result['n']} images, {result['threads']} CPU thread{'s' if result['threads'] != 1 else ''})")
     if quality:
         axes[1].set_xscale("log")
-        axes[1].set(xlabel="sampling steps (log scale)", ylabel=labels[quality],
+        plain_log_axis(axes[1].xaxis, min(xs), max(xs))
+        axes[1].set(xlabel=xlabel, ylabel=labels[quality],
                     title=f"Quality ({labels[quality].split(' (')[0]}, n = {result['n']})")
     for ax in axes:
         ax.margins(x=0.12, y=0.12)

@@ -104,9 +104,9 @@ def curves_figure(log: TrainingLog, *, num_timesteps: int | None = None, smoothi
     """Left: the loss against step (raw, faint; smoothed, bold). Right: the smoothed loss per
     timestep quartile. Both on a log y-axis when the loss spans more than a factor of 3; the
     smoothing is a debiased EMA of log(loss) (:func:`smooth_positive`)."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+    from matplotlib.ticker import MaxNLocator
 
-    from difflab.visualize.figure import new_figure
+    from difflab.visualize.figure import new_figure, plain_log_axis
 
     fig = new_figure(11, 4.2)
     ax_l, ax_q = fig.subplots(1, 2)
@@ -131,8 +131,7 @@ def curves_figure(log: TrainingLog, *, num_timesteps: int | None = None, smoothi
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if lo > 0 and hi / lo > 3:  # a log axis once the loss spans more than a factor of 3
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if hi / lo < 30 else NullFormatter())
+            plain_log_axis(ax.yaxis, lo, hi)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     if len(log) == 1:  # one point: make it visible

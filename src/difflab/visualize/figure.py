@@ -55,6 +55,16 @@ def save_figure(fig, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def plain_log_axis(axis, lo: float, hi: float) -> None:
+    """Tick labels of a log-scaled matplotlib axis as plain numbers (0.01, 20, 1000, not 10^-2), with
+    labelled minor ticks too when the data span less than ~1.5 decades (else only the decades)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(plain if hi / lo < 30 else NullFormatter())
+
+
 # -- grids of images with titles ------------------------------------------------------------
 @dataclass(frozen=True)
 class GridLayout:
