@@ -230,7 +230,6 @@ def run_compare(args: argparse.Namespace) -> int:
     metric_list = [m.strip() for m in metrics.split(",") if m.strip()]
     eval_kwargs = None
     if metric_list:
-        from difflab.metrics.detect import DetectorKind  # noqa: F401  (fail early if the eval extra is missing)
         from difflab.metrics.evaluate import EvalConfig
 
         eval_kwargs = {"real": args.real, "metrics": ",".join(metric_list), "detectors": args.detectors,
