@@ -82,3 +82,15 @@ def test_frozen():
     with pytest.raises(Exception):
         cfg.train = None  # type: ignore[misc]
     assert apply_overrides(cfg, ["train.seed=3"]).train.seed == 3 and cfg.train.seed == 0
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from difflab.io import atomic_write_bytes
+    umask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.txt", b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
