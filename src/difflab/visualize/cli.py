@@ -9,19 +9,10 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
+from difflab.cli import _positive_int  # one definition of the CLI's argument types
 from difflab.errors import ConfigError, DataError
 
 __all__ = ["COMMANDS"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _out_file(path: str, flag: str, suffix: str) -> Path:
