@@ -68,6 +68,24 @@ def test_sample_layout_and_seeds_independent_of_batch_size(tmp_path, capsys, tra
     assert Image.open(tmp_path / "grid.png").size[0] > 16
 
 
+def test_sampling_precision_bf16_is_close_to_fp32_and_fp32_is_the_plain_network(trained_run):
+    from difflab.denoiser import Denoiser
+    from difflab.runs import load_run
+
+    run = load_run(trained_run)
+    x = torch.randn(6, *run.image_shape, generator=torch.Generator().manual_seed(0))
+    plain = Denoiser(run.model, run.schedule, run.config.loss.prediction, clip="none").predict(x, 500.0).eps
+    fp32 = run.denoiser("none", "fp32").predict(x, 500.0).eps
+    bf16 = run.denoiser("none", "bf16").predict(x, 500.0).eps
+    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.is_contiguous()
+    assert torch.allclose(fp32, plain, atol=1e-6)  # channels_last alone does not change the numbers
+    rel = (bf16 - fp32).norm() / fp32.norm()
+    assert 0 < rel < 0.03  # bf16 has an 8-bit mantissa: ~0.4% per op, a few ops deep
+    from difflab.errors import ConfigError
+    with pytest.raises(ConfigError, match="--precision"):
+        run.denoiser("none", "fp16")
+
+
 def test_sample_ddpm_and_jpg_default(tmp_path, trained_run):
     assert main(["sample", "--run", str(trained_run), "-n", "2", "--sampler", "ddpm", "--steps", "5",
                  "--out", str(tmp_path / "d"), "--no-progress"]) == 0

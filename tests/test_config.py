@@ -46,6 +46,14 @@ def test_toml_file_and_precedence(tmp_path):
     assert cfg.train.batch_size == 32 and cfg.train.lr == 1e-3
 
 
+def test_presets_bring_their_learning_rate_and_a_toml_file_beats_it(tmp_path):
+    assert resolve_config(preset="small").train.lr == 1e-3
+    assert resolve_config(preset="ddpm-cifar10").train.lr == 2e-4  # Ho et al.'s value
+    f = tmp_path / "run.toml"
+    f.write_text('preset = "small"\n[train]\nlr = 5e-4\n')
+    assert resolve_config(toml=load_toml(f)).train.lr == 5e-4
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

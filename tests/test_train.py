@@ -139,3 +139,32 @@ def test_tiny_unet_learns_fashion_mnist(tmp_path, fashion_mnist_dir):
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+
+
+def test_tensorboard_logs_the_jsonl_scalars_and_the_sample_grids(tmp_path):
+    pytest.importorskip("tensorboard")  # an optional package; the `test` extra installs it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg("train.tensorboard=true", "train.sample_every=4", "train.sample_grid_size=4")
+    Trainer(cfg, tmp_path / "run", data=synthetic(), progress=False).run(stop_at=4)
+    Trainer(cfg, tmp_path / "run", data=synthetic(), progress=False, resume=True).run()  # appends
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log]
+    assert [e.step for e in events.Scalars("loss_by_t_quartile/q1")] == [
+        r["step"] for r in log if r["loss_quartiles"][0] is not None
+    ]
+    images = events.Images("samples")
+    assert [im.step for im in images] == [4, 8]
+    # a 2x2 grid of 16 px images with 2 px padding
+    assert (images[0].width, images[0].height) == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        Trainer(tiny_cfg("train.tensorboard=true"), tmp_path / "run", data=synthetic(), progress=False)
+    assert not (tmp_path / "run").exists()  # nothing half-made to trip over on the next try

@@ -125,12 +125,18 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", default="clip", choices=["none", "clip", "dynamic"],
                    help="x0_hat clipping to the data range [-1, 1] at each step (default clip; dynamic = Imagen thresholding)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
+    add_precision_argument(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--out", help="folder for 1.jpg ... N.jpg (default: RUN/samples/<sampler>-<steps>[-<grid-kind>])")
     p.add_argument("--format", default="jpg", choices=["jpg", "png"], help="image format (default jpg)")
     p.add_argument("--grid", help="also save a grid of the first 64 images to this file")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="network precision: auto = bf16 autocast where the CPU/GPU does bf16 natively (default)")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -146,14 +152,14 @@ def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run.path / "samples" / name
     first = []
     t0 = time.monotonic()
-    for idx, imgs in sample_batches(run.denoiser(args.clip), args.n, run.image_shape, cfg, seed=args.seed,
+    for idx, imgs in sample_batches(run.denoiser(args.clip, args.precision), args.n, run.image_shape, cfg, seed=args.seed,
                                     batch_size=args.batch_size, progress=not args.no_progress):
         save_numbered(imgs, out, idx.start, args.format)
         if len(first) * args.batch_size < 64:
             first.append(imgs)
     seconds = time.monotonic() - t0
     meta = {"run": str(run.path), "step": run.step, "n": args.n, "seed": args.seed, "weights": args.weights,
-            "clip": args.clip, "sampler": cfg.to_dict(), "grid_kind": cfg.grid_kind.value,
+            "clip": args.clip, "precision": args.precision, "sampler": cfg.to_dict(), "grid_kind": cfg.grid_kind.value,
             "nfe_per_image": cfg.nfe(run.schedule.num_timesteps), "seconds": seconds}
     from difflab.io import atomic_write_json
     atomic_write_json(out / "sampling.json", meta)
@@ -200,15 +206,17 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"difflab demo: training a {cfg.preset} UNet on Fashion-MNIST (28x28) for {args.minutes:g} minutes")
     Trainer(cfg, out, progress=not args.no_progress).run()
     run = load_run(out)
-    scfg = SamplerConfig(sampler="ddim", steps=50)
+    # eta = 1: after minutes of training the deterministic ODE (eta = 0) drifts into saturated speckle,
+    # while DDIM's stochastic form corrects the model's errors as it goes (compared on the same run).
+    scfg = SamplerConfig(sampler="ddim", steps=50, eta=1.0)
     imgs = sample(run.denoiser(), 64, run.image_shape, scfg, seed=0, progress=not args.no_progress)
     grid = save_grid(imgs, out / "demo-grid.png", nrow=8, scale=3)
     from difflab.io import atomic_write_json
     atomic_write_json(out / "demo.json", {"grid": str(grid), "step": run.step})
     print(f"run directory:  {out}  (config.json, checkpoints/, log.jsonl)")
     print(f"training grids: {out / 'samples'}")
-    print(f"final samples:  {grid}  (64 images, DDIM 50 steps, EMA weights)")
-    print(f"next: difflab sample --run {out} -n 1000 --out {out}/images")
+    print(f"final samples:  {grid}  (64 images, DDIM 50 steps eta 1, EMA weights)")
+    print(f"next: difflab sample --run {out} -n 1000 --eta 1 --out {out}/images")
     return 0
 
 
@@ -219,10 +227,8 @@ def _commands() -> dict[str, tuple[str, Callable, Callable]]:
         "sample": ("generate images from a trained run (1.jpg ... N.jpg)", add_sample_arguments, run_sample),
         "demo": ("train on Fashion-MNIST for a few minutes and sample a grid", add_demo_arguments, run_demo),
     }
-    try:
-        from difflab.metrics import cli as metrics_cli
-    except ImportError:  # the metrics package is optional at import time only while it is built
-        return cmds
+    from difflab.metrics import cli as metrics_cli  # eval, fid-stats
+
     cmds.update(metrics_cli.COMMANDS)
     from difflab.visualize import cli as visualize_cli  # noise, progress, animate, curves, compare
 

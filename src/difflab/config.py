@@ -83,6 +83,7 @@ class TrainConfig:
     sample_grid_size: int = 16
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (needs tensorboard)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_decay", parse_choice(LRDecay, self.lr_decay, "train.lr_decay"))
@@ -253,6 +254,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config file {path} is not valid TOML: {e}") from None
 
 
+# A preset is a network and the training options that suit its size. The small networks take a
+# 5x higher learning rate than DDPM's 2e-4 (measured: 5 minutes of anime faces at 32 px with the
+# 'small' preset give face shapes at 1e-3 and colour noise at 2e-4); the large ones keep 2e-4.
+PRESET_TRAINING: Mapping[str, Mapping[str, Any]] = {
+    "tiny": {"lr": 1e-3},
+    "small": {"lr": 1e-3},
+}
+
+
 def preset_names() -> list[str]:
     return sorted(MODEL_PRESETS)
 
@@ -271,6 +281,7 @@ def resolve_config(
     if name not in MODEL_PRESETS:
         raise ConfigError(f"unknown --preset {name!r}; choose one of {', '.join(preset_names())}")
     raw["model"] = to_dict(MODEL_PRESETS[name])
+    raw["train"].update(PRESET_TRAINING.get(name, {}))
     raw["preset"] = name
     for section, values in (toml or {}).items():
         if section == "preset":

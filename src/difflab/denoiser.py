@@ -53,9 +53,15 @@ class Denoiser:
         prediction: Prediction | str = Prediction.EPS,
         clip: Clip | str = Clip.NONE,
         dynamic_percentile: float = 0.995,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.model = model
         self.schedule = schedule
+        # the network call alone runs under autocast (bf16 where it pays); its output and all the
+        # sampler arithmetic stay fp32 and above
+        self.autocast = autocast
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.prediction = parse_choice(Prediction, prediction, "prediction type")
         self.clip = parse_choice(Clip, clip, "x0 clipping mode")
         if not 0.5 <= dynamic_percentile <= 1.0:
@@ -68,7 +74,9 @@ class Denoiser:
             t_b = t_b.expand(x.shape[0])
         abar = broadcast_to(self.schedule.alpha_bar_at(t_b), x).float()
         x = x.float()
-        out = self.model(x, t_b.float().to(x.device), **cond).float()
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out = self.model(x.contiguous(memory_format=self.memory_format), t_b.float().to(x.device), **cond)
+        out = out.float().contiguous()
         if self.prediction is Prediction.EPS:
             eps, x0 = out, x0_from_eps(x, out, abar)
         elif self.prediction is Prediction.X0:

@@ -137,6 +137,7 @@ def make_grid(schedule: NoiseSchedule, cfg: SamplerConfig) -> Grid:
     return build_grid(schedule, cfg.steps, kind)
 
 
+@torch.no_grad()
 def run_sampler(
     denoiser: Denoiser, x: Tensor, grid: Grid, cfg: SamplerConfig, *,
     generator: Generators = None, callback: Callback = None, **cond: Any,

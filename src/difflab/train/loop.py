@@ -29,21 +29,23 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from difflab.config import LRDecay, Precision, RunConfig
+from difflab.config import LRDecay, RunConfig
 from difflab.data.augment import augment
-from difflab.data.dataset import ImageData, load_dataset, to_float
+from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
 from difflab.losses import diffusion_loss
 from difflab.models.unet import UNet
+from difflab.precision import autocast_dtype
 from difflab.samplers import SamplerConfig, sample
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import CONFIG, latest_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from difflab.train.ema import EMA
-from difflab.viz import save_grid
+from difflab.train.tensorboard import TensorBoardLog, require_tensorboard
+from difflab.viz import make_grid, save_grid
 
-PREVIEW_SAMPLER = SamplerConfig(sampler="ddim", steps=25)
+PREVIEW_SAMPLER = SamplerConfig(sampler="ddim", steps=25, eta=1.0)  # stochastic: kinder to young models
 
 
 @dataclass(frozen=True)
@@ -60,29 +62,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU does bf16 math natively (AMX-BF16 or AVX512-BF16), so autocast pays.
-
-    Read from the kernel's CPU flags (Linux); elsewhere assume not and stay in fp32.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    if precision is Precision.FP32:
-        return None
-    if precision is Precision.BF16:
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def lr_at(step: int, cfg) -> float:
@@ -170,6 +149,9 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         self.global_rng = torch.Generator().manual_seed(tc.seed + 7919 * (self.dist.rank + 1)).get_state()
         self.step, self.images_seen, self.epoch, self.pos, self.elapsed = 0, 0, 0, 0, 0.0
+        self.tb: TensorBoardLog | None = None
+        if tc.tensorboard and self.dist.is_main:
+            require_tensorboard()  # fail before the run directory is created
         if resume:
             self._restore()
         elif self.dist.is_main:
@@ -256,6 +238,8 @@ class Trainer:
         bar = tqdm(total=round(tc.minutes * 60) if timed else tc.max_steps, initial=0 if timed else self.step,
                    desc="training", unit="s" if timed else "step", disable=not (self.progress and self.dist.is_main),
                    dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]" if timed else None)
+        if tc.tensorboard and self.dist.is_main:
+            self.tb = TensorBoardLog(self.run_dir, self.step)
         with torch.random.fork_rng(devices=[]), stop_requests() as stop:
             torch.set_rng_state(self.global_rng)
             self.model.train()
@@ -287,6 +271,9 @@ class Trainer:
             if tc.sample_every and self.step % tc.sample_every:
                 self.save_samples()
         bar.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
         return {"step": self.step, "stopped_by": reason, "steps_this_run": self.step - start_step,
                 "seconds": time.monotonic() - start_time, "run_dir": str(self.run_dir)}
 
@@ -302,6 +289,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                self.tb.scalars(record)
         return record
 
     # -- outputs -------------------------------------------------------------------------
@@ -320,6 +309,8 @@ class Trainer:
         out = self.run_dir / "samples"
         save_grid(imgs, out / f"step-{self.step:07d}.png", scale=2)
         save_grid(imgs, out / "latest.png", scale=2)
+        if self.tb is not None:
+            self.tb.grid(make_grid(to_uint8(imgs.cpu())), self.step)
 
     def save(self) -> None:
         if not self.dist.is_main:

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from difflab.cli import _positive_int  # one definition of the CLI's argument types
+from difflab.cli import _positive_int, add_precision_argument  # one definition of the CLI's argument types
 from difflab.errors import ConfigError, DataError
 
 __all__ = ["COMMANDS"]
@@ -206,6 +206,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     p.add_argument("--clip", default="clip", choices=["none", "clip", "dynamic"],
                    help="x0_hat clipping to [-1, 1] at each step, as in `difflab sample` (default clip)")
+    add_precision_argument(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -234,7 +235,7 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run.path / "compare"
     check_out_dir(out)
     result = run_comparison(run, specs, n=args.n, out=out, seed=args.seed, batch_size=args.batch_size,
-                            eval_kwargs=eval_kwargs, clip=args.clip, progress=not args.no_progress)
+                            eval_kwargs=eval_kwargs, clip=args.clip, precision=args.precision, progress=not args.no_progress)
     firsts = result.pop("_firsts")
     table = markdown_table(result)
     atomic_write_json(out / "compare.json", result)

@@ -144,13 +144,14 @@ def warm_up(denoiser, shape: Sequence[int], batch: int) -> None:
 
 
 def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed: int = 0, batch_size: int = 64,
-                   eval_kwargs: dict[str, Any] | None = None, clip: str = "clip", progress: bool = True) -> dict[str, Any]:
+                   eval_kwargs: dict[str, Any] | None = None, clip: str = "clip", precision: str = "auto",
+                   progress: bool = True) -> dict[str, Any]:
     """Generate with every sampler, then evaluate each folder; return the result dict written as JSON.
 
     ``eval_kwargs`` are :class:`~difflab.metrics.evaluate.EvalConfig` fields (``real``,
     ``metrics``, ...) or None to measure speed only.
     """
-    denoiser = run.denoiser(clip)
+    denoiser = run.denoiser(clip, precision)
     warm_up(denoiser, run.image_shape, min(n, batch_size))
     rows = []
     outer = tqdm(specs, desc="samplers", unit="sampler", disable=not progress or len(specs) < 2)
@@ -171,6 +172,7 @@ def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed
         row["speedup_vs_ddpm"] = base["seconds"] / row["seconds"] if base and row["seconds"] > 0 else None
     firsts = [r.pop("_first") for r in rows]
     return {"run": str(run.path), "step": run.step, "n": n, "seed": seed, "batch_size": batch_size, "clip": clip,
+            "precision": precision,
             "num_timesteps": run.schedule.num_timesteps, "image_shape": list(run.image_shape),
             "threads": torch.get_num_threads(), "metrics": (eval_kwargs or {}).get("metrics", []),
             "real": (eval_kwargs or {}).get("real"), "rows": rows, "_firsts": firsts}
