@@ -1,0 +1,113 @@
+"""Sampling speed: difflab's DDIM against diffusers' DDIMPipeline, same architecture, 20 steps.
+
+Variants, interleaved A B C, A B C, ... in one process, each call generating ``--batch`` images:
+
+    difflab         difflab.samplers.sample as `difflab sample` runs it: DDIM, per-image seeds, x0
+                    clipping, network in bf16 autocast + channels_last where the CPU has native bf16
+    diffusers_fp32  DDIMPipeline(batch_size=B, num_inference_steps=20), as its documentation shows
+    diffusers_bf16  the same pipeline with the UNet in channels_last and the call under bf16 autocast
+
+Speed only: both networks have their (seeded) initial weights, since the cost of a step does not
+depend on them. Architecture as in bench/train_speed.py (32x32 RGB, 64/128/256, attention at 16x16).
+
+    pip install -e '.[bench]'
+    python bench/sample_speed.py [--batch 125] [--rounds 8]      # 8 x 125 = 1000 images per variant
+
+Last line: ``sample_ratio_vs_diffusers_fp32=X sample_ratio_vs_diffusers_bf16=Y`` (images/s ratios).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    CHANNELS, IMAGE_SIZE, difflab_config, diffusers_unet, interleave, own_peak_rss_mib, peak_rss_mib_of,
+)
+
+VARIANTS = ("difflab", "diffusers_fp32", "diffusers_bf16")
+STEPS = 20
+
+
+def make_difflab(batch: int) -> Callable[[], None]:
+    from difflab.config import Precision
+    from difflab.denoiser import Denoiser
+    from difflab.models.unet import UNet
+    from difflab.precision import autocast_dtype
+    from difflab.samplers import SamplerConfig, sample
+    from difflab.schedule import NoiseSchedule
+
+    cfg = difflab_config(batch)
+    torch.manual_seed(0)
+    model = UNet(cfg.model).to(memory_format=torch.channels_last).eval().requires_grad_(False)
+    den = Denoiser(model, NoiseSchedule(cfg.schedule), cfg.loss.prediction, clip="clip",
+                   autocast=autocast_dtype(Precision.AUTO, torch.device("cpu")), channels_last=True)
+    scfg = SamplerConfig(sampler="ddim", steps=STEPS)
+    calls = iter(range(10**9))
+
+    def run() -> None:
+        sample(den, batch, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE), scfg, seed=next(calls), batch_size=batch, progress=False)
+
+    return run
+
+
+def make_diffusers(batch: int, bf16: bool) -> Callable[[], None]:
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    torch.manual_seed(0)
+    unet = diffusers_unet().eval().requires_grad_(False)
+    if bf16:
+        unet = unet.to(memory_format=torch.channels_last)
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pipe(batch_size=batch, num_inference_steps=STEPS, generator=g, output_type="np")
+
+    return run
+
+
+def build(name: str, batch: int) -> Callable[[], None]:
+    return make_difflab(batch) if name == "difflab" else make_diffusers(batch, bf16=name == "diffusers_bf16")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=125)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--no-memory", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        build(args.memory_of, args.batch)()
+        print(f"{own_peak_rss_mib():.1f}")
+        return
+    print(f"{args.rounds} rounds x {args.batch} images per variant, DDIM {STEPS} steps, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    times = interleave({name: build(name, args.batch) for name in VARIANTS}, args.rounds, 1, warmup=0)
+    mem = {} if args.no_memory else {
+        name: peak_rss_mib_of(__file__, ["--memory-of", name, "--batch", str(args.batch), "--threads", str(args.threads)])
+        for name in VARIANTS
+    }
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rate = {k: args.batch / v for k, v in med.items()}
+    print("| variant | s per batch (median) | images/s | peak RSS (MiB) | difflab speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for name in VARIANTS:
+        print(f"| {name} | {med[name]:.2f} | {rate[name]:.2f} | {mem.get(name, float('nan')):.0f} | "
+              f"{rate['difflab'] / rate[name]:.2f}x |")
+    print(f"sample_ratio_vs_diffusers_fp32={rate['difflab'] / rate['diffusers_fp32']:.2f} "
+          f"sample_ratio_vs_diffusers_bf16={rate['difflab'] / rate['diffusers_bf16']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
