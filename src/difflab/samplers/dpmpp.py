@@ -46,23 +46,9 @@ def sample_dpmpp_2m(
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: with r = h_prev / h,
     y_next = e^-h y + (1 - e^-h) ((1 + 1/(2r)) D_i - 1/(2r) D_(i-1)).
     Second order; the first step (no D_(i-1)) and the last (to sigma = 0) are first order.
+    It is :func:`sample_dpmpp_2m_sde` at eta = 0 (e^-h = sigma_next / sigma, no noise), and runs as that.
     ``generator`` is unused (deterministic); it is accepted so that every sampler has one signature."""
-    model = VEModel(denoiser, cond)
-    sigmas, ts = grid.sigma.tolist(), grid.t.tolist()
-    y = to_y(x, sigmas[0])
-    d_prev, h_prev = None, None
-    for i in range(len(grid)):
-        sigma, t, sigma_next = sigmas[i], ts[i], sigmas[i + 1]
-        d0 = model(y, sigma, t)
-        h = math.log(sigma / sigma_next) if sigma_next > 0 else math.inf
-        if sigma_next == 0:
-            y_next = d0
-        else:
-            d = d0 if d_prev is None else d0 + (h / (2 * h_prev)) * (d0 - d_prev)
-            y_next = (sigma_next / sigma) * y - math.expm1(-h) * d
-        report(callback, i, t, sigma, y, d0, y_next, sigma_next)
-        y, d_prev, h_prev = y_next, d0, h
-    return y
+    return sample_dpmpp_2m_sde(denoiser, x, grid, eta=0.0, generator=generator, callback=callback, **cond)
 
 
 @torch.no_grad()

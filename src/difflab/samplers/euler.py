@@ -12,7 +12,7 @@ from difflab.denoiser import Denoiser
 from difflab.samplers.base import Callback
 from difflab.samplers.grid import Grid
 from difflab.samplers.noise import Generators
-from difflab.samplers.ve import VEModel, check_churn, churn_gamma, lift_noise, report, to_y
+from difflab.samplers.heun import karras_sampler
 
 
 @torch.no_grad()
@@ -37,17 +37,5 @@ def sample_euler(
     first-order DPM-Solver++. ``churn`` > 0 adds Algorithm 2's noise injection (S_churn,
     applied where S_tmin <= sigma <= S_tmax, scaled by S_noise) before each step's evaluation.
     """
-    check_churn(churn, s_tmin, s_tmax, s_noise)
-    model, n = VEModel(denoiser, cond), len(grid)
-    sigmas, ts = grid.sigma.tolist(), grid.t.tolist()
-    y = to_y(x, sigmas[0])
-    for i in range(n):
-        sigma, t, sigma_next = sigmas[i], ts[i], sigmas[i + 1]
-        gamma = churn_gamma(churn, n, sigma, s_tmin, s_tmax)
-        y, sigma_hat = lift_noise(y, sigma, gamma, denoiser.schedule.sigma_max, s_noise, generator)
-        t_hat = t if sigma_hat == sigma else model.t_at(sigma_hat)
-        d0 = model(y, sigma_hat, t_hat)
-        y_next = d0 + (sigma_next / sigma_hat) * (y - d0)  # = y + (sigma_next - sigma_hat) * d
-        report(callback, i, t_hat, sigma_hat, y, d0, y_next, sigma_next)
-        y = y_next
-    return y
+    return karras_sampler(denoiser, x, grid, second_order=False, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                          s_noise=s_noise, generator=generator, callback=callback, **cond)

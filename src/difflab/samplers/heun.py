@@ -39,6 +39,16 @@ def sample_heun(
     sigma_hat never exceeds the schedule's sigma_max. Second stages and churned levels evaluate the
     network at the fractional model time t = schedule.t_at_sigma(sigma).
     """
+    return karras_sampler(denoiser, x, grid, second_order=True, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                          s_noise=s_noise, generator=generator, callback=callback, **cond)
+
+
+def karras_sampler(
+    denoiser: Denoiser, x: Tensor, grid: Grid, *, second_order: bool, churn: float, s_tmin: float, s_tmax: float,
+    s_noise: float, generator: Generators, callback: Callback, **cond: Any,
+) -> Tensor:
+    """Karras et al.'s Algorithm 2 loop: churn, Euler step, and (``second_order``) Heun's correction.
+    Shared by :func:`sample_heun` and :func:`difflab.samplers.euler.sample_euler`."""
     check_churn(churn, s_tmin, s_tmax, s_noise)
     model, n = VEModel(denoiser, cond), len(grid)
     sigmas, ts = grid.sigma.tolist(), grid.t.tolist()
@@ -49,10 +59,10 @@ def sample_heun(
         y, sigma_hat = lift_noise(y, sigma, gamma, denoiser.schedule.sigma_max, s_noise, generator)
         t_hat = t if sigma_hat == sigma else model.t_at(sigma_hat)
         d0 = model(y, sigma_hat, t_hat)
-        dy = (y - d0) / sigma_hat
-        y_next = y + (sigma_next - sigma_hat) * dy
-        if sigma_next > 0:
+        y_next = d0 + (sigma_next / sigma_hat) * (y - d0)  # Euler: y + (sigma_next - sigma_hat) d
+        if second_order and sigma_next > 0:
             d1 = model(y_next, sigma_next, ts[i + 1])
+            dy = (y - d0) / sigma_hat
             y_next = y + (sigma_next - sigma_hat) * 0.5 * (dy + (y_next - d1) / sigma_next)
         report(callback, i, t_hat, sigma_hat, y, d0, y_next, sigma_next)
         y = y_next
