@@ -189,7 +189,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     head += ["FID"] * have["fid"] + ["KID (x1000)"] * have["kid_mean"] + ["detection rate"] * have["detect_rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in result["rows"]:
-        cells = [f"`{r['sampler']}`", str(r["steps"]), f"{r['eta']:g}", f"{r['nfe']:g}", f"{r['seconds']:.2f}",
+        cells = [f"`{r['sampler']}`", str(r["steps"]), (f"{r['eta']:g}" if r["kind"] == SamplerKind.DDIM.value else "-"), f"{r['nfe']:g}", f"{r['seconds']:.2f}",
                  f"{r['images_per_s']:.2f}", _f(r["speedup_vs_ddpm"], ".1f") + ("x" if r["speedup_vs_ddpm"] else "")]
         if have["fid"]:
             cells.append(_f(r.get("fid"), ".2f"))
