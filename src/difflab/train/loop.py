@@ -295,7 +295,9 @@ class Trainer:
 
     # -- outputs -------------------------------------------------------------------------
     def denoiser(self, use_ema: bool = True) -> Denoiser:
-        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss.prediction, clip="clip")
+        """The network as a denoiser for previews, in the training precision and memory layout."""
+        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss.prediction, clip="clip",
+                        autocast=self.autocast, channels_last=self.cfg.train.channels_last)
 
     @torch.no_grad()
     def save_samples(self) -> None:
