@@ -20,7 +20,8 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's usage dump -> our one line
-        raise ConfigError(f"{self.prog.split()[-1]}: {message}")
+        command = self.prog.split()[-1]  # the subcommand; the top-level parser is 'difflab' itself
+        raise ConfigError(message if command == "difflab" else f"{command}: {message}")
 
 
 def _positive_int(text: str) -> int:
