@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from difflab.io import atomic_write_bytes, atomic_write_json
+from difflab.io import atomic_write_json
 from difflab.runs import load_run
 from difflab.samplers import SamplerConfig, build_grid, run_sampler
 from difflab.samplers.grid import Grid, karras_sigmas, sigma_grid

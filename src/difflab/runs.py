@@ -13,7 +13,7 @@ from difflab.errors import CheckpointError, parse_choice
 from difflab.models.unet import UNet
 from difflab.precision import autocast_dtype
 from difflab.schedule import NoiseSchedule
-from difflab.train.checkpoint import CONFIG, latest_checkpoint, load_tensors, require_run
+from difflab.train.checkpoint import CONFIG, latest_checkpoint, require_run
 
 
 @dataclass

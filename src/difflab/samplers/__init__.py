@@ -34,7 +34,7 @@ from difflab.samplers.grid import (
     Grid, GridKind, Spacing, build_grid, discrete_grid, karras_sigmas, log_snr_sigmas, sigma_grid, spaced_timesteps,
 )
 from difflab.samplers.heun import sample_heun
-from difflab.samplers.noise import Generators, image_generators, image_seed, randn, randn_like
+from difflab.samplers.noise import Generators, image_generators, image_seed, randn
 from difflab.schedule import NoiseSchedule, VarianceType
 
 __all__ = [
