@@ -68,6 +68,23 @@ def test_sample_layout_and_seeds_independent_of_batch_size(tmp_path, capsys, tra
     assert Image.open(tmp_path / "grid.png").size[0] > 16
 
 
+def test_sample_start_writes_the_rest_of_one_sample_set(tmp_path, capsys, trained_run):
+    whole, shard = tmp_path / "whole", tmp_path / "shard"
+    common = ["--run", str(trained_run), "--steps", "3", "--format", "png", "--no-progress"]
+    assert main(["sample", *common, "-n", "5", "--out", str(whole)]) == 0
+    assert main(["sample", *common, "-n", "2", "--out", str(shard)]) == 0
+    assert main(["sample", *common, "-n", "3", "--start", "2", "--out", str(shard)]) == 0
+    assert sorted(os.listdir(shard)) == ["1.png", "2.png", "3.png", "4.png", "5.png", "sampling-from-3.json", "sampling.json"]
+    assert json.loads((shard / "sampling-from-3.json").read_text())["start"] == 2
+    for k in range(1, 6):
+        x = torch.tensor(np.array(Image.open(whole / f"{k}.png"))).int()
+        y = torch.tensor(np.array(Image.open(shard / f"{k}.png"))).int()
+        assert int((x - y).abs().max()) <= 1
+    capsys.readouterr()
+    assert main(["sample", *common, "--start", "-1"]) == 2
+    assert "--start" in capsys.readouterr().err
+
+
 def test_sampling_precision_bf16_is_close_to_fp32_and_fp32_is_the_plain_network(trained_run):
     from difflab.denoiser import Denoiser
     from difflab.runs import load_run

@@ -23,14 +23,22 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message if command == "difflab" else f"{command}: {message}")
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "positive")
+
+
+def _nonneg_int(text: str) -> int:
+    return _int_at_least(text, 0, "non-negative")
 
 
 def _nonneg_float(text: str) -> float:
@@ -127,6 +135,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     add_precision_argument(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
+    p.add_argument("--start", type=_nonneg_int, default=0,
+                   help="first image index: writes START+1 ... START+N, the same images a single run of START+N writes "
+                        "(split one sample set across processes or sessions)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--out", help="folder for 1.jpg ... N.jpg (default: RUN/samples/<sampler>-<steps>[-<grid-kind>])")
     p.add_argument("--format", default="jpg", choices=["jpg", "png"], help="image format (default jpg)")
@@ -153,16 +164,17 @@ def run_sample(args: argparse.Namespace) -> int:
     first = []
     t0 = time.monotonic()
     for idx, imgs in sample_batches(run.denoiser(args.clip, args.precision), args.n, run.image_shape, cfg, seed=args.seed,
-                                    batch_size=args.batch_size, progress=not args.no_progress):
+                                    batch_size=args.batch_size, start=args.start, progress=not args.no_progress):
         save_numbered(imgs, out, idx.start, args.format)
         if len(first) * args.batch_size < 64:
             first.append(imgs)
     seconds = time.monotonic() - t0
-    meta = {"run": str(run.path), "step": run.step, "n": args.n, "seed": args.seed, "weights": args.weights,
+    meta = {"run": str(run.path), "step": run.step, "n": args.n, "start": args.start, "seed": args.seed, "weights": args.weights,
             "clip": args.clip, "precision": args.precision, "sampler": cfg.to_dict(), "grid_kind": cfg.grid_kind.value,
             "nfe_per_image": cfg.nfe(run.schedule.num_timesteps), "seconds": seconds}
     from difflab.io import atomic_write_json
-    atomic_write_json(out / "sampling.json", meta)
+    # a shard (--start > 0) keeps its own record beside the first one's
+    atomic_write_json(out / ("sampling.json" if args.start == 0 else f"sampling-from-{args.start + 1}.json"), meta)
     if args.grid:
         import torch
         save_grid(torch.cat(first)[:64], args.grid)
