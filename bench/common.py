@@ -33,13 +33,14 @@ def diffusers_unet():
     )
 
 
-def difflab_config(batch_size: int):
+def difflab_config(batch_size: int, extra: list[str] = ()):
     from difflab.config import resolve_config
 
     return resolve_config(
         preset="default",
         flags={"data.source": "synthetic", "data.image_size": IMAGE_SIZE, "data.channels": CHANNELS},
-        overrides=[*DIFFLAB_OVERRIDES, f"train.batch_size={batch_size}", "train.sample_every=0", "train.log_every=1000000"],
+        overrides=[*DIFFLAB_OVERRIDES, f"train.batch_size={batch_size}", "train.sample_every=0", "train.log_every=1000000",
+                   *extra],
     )
 
 

@@ -44,14 +44,23 @@ def karras_capped(sigma_max: float) -> GridFn:
     return build
 
 
-VARIANTS: dict[str, tuple[str, Callable[[int], int], GridFn | None]] = {
-    "ddim": ("ddim", lambda nfe: nfe, None),  # uniform integer timesteps
-    "euler": ("euler", lambda nfe: nfe, None),  # karras
-    "heun": ("heun", lambda nfe: (nfe + 1) // 2, None),  # karras; 2N - 1 evaluations
-    "heun-sigmamax80": ("heun", lambda nfe: (nfe + 1) // 2, karras_capped(80.0)),
-    "dpmpp-2m": ("dpmpp-2m", lambda nfe: nfe, None),  # log-snr
-    "dpmpp-2m-karras": ("dpmpp-2m", lambda nfe: nfe, lambda s, n: build_grid(s, n, "karras")),
-    "dpmpp-3m": ("dpmpp-3m", lambda nfe: nfe, None),
+def trailing(kind: str) -> GridFn:
+    """The ``kind`` grid with N + 1 points minus its last (t = 0): no network call at sigma_min."""
+    return lambda schedule, steps: build_grid(schedule, steps, kind, trailing=True)
+
+
+# name -> (sampler, NFE -> steps, grid builder or None for the sampler's default grid, grid label or None)
+VARIANTS: dict[str, tuple[str, Callable[[int], int], GridFn | None, str | None]] = {
+    "ddim": ("ddim", lambda nfe: nfe, None, None),  # uniform integer timesteps
+    "ddim-trailing": ("ddim", lambda nfe: nfe, trailing("uniform"), "uniform trailing"),
+    "euler": ("euler", lambda nfe: nfe, None, None),  # karras
+    "heun": ("heun", lambda nfe: (nfe + 1) // 2, None, None),  # karras; 2N - 1 evaluations
+    "heun-sigmamax80": ("heun", lambda nfe: (nfe + 1) // 2, karras_capped(80.0), "karras sigma_max 80"),
+    "dpmpp-2m": ("dpmpp-2m", lambda nfe: nfe, None, None),  # log-snr
+    "dpmpp-2m-trailing": ("dpmpp-2m", lambda nfe: nfe, trailing("log-snr"), "log-snr trailing"),
+    "dpmpp-2m-karras": ("dpmpp-2m", lambda nfe: nfe, lambda s, n: build_grid(s, n, "karras"), "karras"),
+    "dpmpp-3m": ("dpmpp-3m", lambda nfe: nfe, None, None),
+    "dpmpp-3m-trailing": ("dpmpp-3m", lambda nfe: nfe, trailing("log-snr"), "log-snr trailing"),
 }
 
 
@@ -109,15 +118,14 @@ def main() -> None:
 
     rows = []
     for name in names:
-        kind, steps_for, grid_fn = VARIANTS[name]
+        kind, steps_for, grid_fn, label = VARIANTS[name]
         for nfe in nfes:
             steps = steps_for(nfe)
             cfg = SamplerConfig(sampler=kind, steps=steps)
             grid = grid_fn(sch, steps) if grid_fn else build_grid(sch, steps, cfg.grid_kind)
             t1 = time.monotonic()
             x = solve(den, noise, cfg, grid, gens, args.batch)
-            rows.append({"variant": name, "sampler": kind, "grid": "karras sigma_max 80" if "80" in name else
-                         (cfg.grid_kind.value if grid_fn is None else "karras"), "steps": steps,
+            rows.append({"variant": name, "sampler": kind, "grid": label or cfg.grid_kind.value, "steps": steps,
                          "nfe": cfg.nfe(sch.num_timesteps), "rmse": rmse(x, ref), "seconds": time.monotonic() - t1})
             print(f"{name:18s} steps {steps:3d} nfe {rows[-1]['nfe']:3d}  rmse {rows[-1]['rmse']:.4f}", flush=True)
 

@@ -25,6 +25,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ from common import (  # noqa: E402
 )
 
 VARIANTS = ("difflab", "diffusers_fp32", "diffusers_bf16")
+OPTIONAL = ("difflab_compile",)  # difflab with train.compile=true (torch.compile, inductor)
 
 
 def synthetic_images(n: int = 1024):
@@ -48,10 +50,11 @@ def synthetic_images(n: int = 1024):
                      None, "synthetic", 0)
 
 
-def make_difflab(batch: int, workdir: Path) -> tuple[Callable[[], None], torch.nn.Module, Callable[[], object]]:
+def make_difflab(batch: int, workdir: Path, compile: bool = False) -> tuple[Callable[[], None], torch.nn.Module, Callable[[], object]]:
     from difflab.train import Trainer
 
-    trainer = Trainer(difflab_config(batch), workdir / "difflab", data=synthetic_images(), progress=False)
+    cfg = difflab_config(batch, ["train.compile=true"] if compile else [])
+    trainer = Trainer(cfg, workdir / ("difflab_compile" if compile else "difflab"), data=synthetic_images(), progress=False)
     trainer.model.train()
     sums = torch.zeros(2, 4)
 
@@ -94,8 +97,8 @@ def make_diffusers(batch: int, bf16: bool) -> tuple[Callable[[], None], torch.nn
 
 
 def build(name: str, batch: int, workdir: Path):
-    if name == "difflab":
-        return make_difflab(batch, workdir)
+    if name.startswith("difflab"):
+        return make_difflab(batch, workdir, compile=name == "difflab_compile")
     return make_diffusers(batch, bf16=name == "diffusers_bf16")
 
 
@@ -105,10 +108,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--per-round", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: 3 steps, print peak RSS
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS + OPTIONAL)}")
+    p.add_argument("--memory-of", choices=VARIANTS + OPTIONAL, help=argparse.SUPPRESS)  # child process: 3 steps, print peak RSS
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    names = [v.strip() for v in args.variants.split(",")]
+    if not set(names) <= set(VARIANTS + OPTIONAL) or "difflab" not in names:
+        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS + OPTIONAL)}, including difflab")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory_of:
@@ -117,7 +124,12 @@ def main() -> None:
                 step()
             print(f"{own_peak_rss_mib():.1f}")
             return
-        built = {name: build(name, args.batch, Path(tmp)) for name in VARIANTS}
+        built = {name: build(name, args.batch, Path(tmp)) for name in names}
+        first = {}
+        for name, (step, _, _) in built.items():  # the first step pays for compilation and one-off setup
+            t0 = time.perf_counter()
+            step()
+            first[name] = time.perf_counter() - t0
         flops = {}
         for name, (_, model, fwd) in built.items():
             with torch.no_grad():
@@ -129,18 +141,19 @@ def main() -> None:
     peak = conv_peak_tflops()
     mem = {} if args.no_memory else {
         name: peak_rss_mib_of(__file__, ["--memory-of", name, "--batch", str(args.batch), "--threads", str(args.threads)])
-        for name in VARIANTS
+        for name in names
     }
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nmeasured bf16 conv peak (128-ch 3x3, channels_last): {peak:.2f} TFLOP/s")
-    print("| variant | s/step (median) | images/s | TFLOP/s | % of bf16 conv peak | peak RSS (MiB) | difflab speed-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in VARIANTS:
+    print("| variant | first step (s) | s/step (median) | images/s | TFLOP/s | % of bf16 conv peak | peak RSS (MiB) | difflab speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
         tflops = flops[name] / med[name] / 1e12
-        print(f"| {name} | {med[name]:.3f} | {args.batch / med[name]:.1f} | {tflops:.3f} | {100 * tflops / peak:.1f}% | "
+        print(f"| {name} | {first[name]:.1f} | {med[name]:.3f} | {args.batch / med[name]:.1f} | {tflops:.3f} | {100 * tflops / peak:.1f}% | "
               f"{mem.get(name, float('nan')):.0f} | {med[name] / med['difflab']:.2f}x |")
-    print(f"train_ratio_vs_diffusers_fp32={med['diffusers_fp32'] / med['difflab']:.2f} "
-          f"train_ratio_vs_diffusers_bf16={med['diffusers_bf16'] / med['difflab']:.2f}")
+    if "difflab_compile" in names:
+        print(f"compile_speedup={med['difflab'] / med['difflab_compile']:.2f} (difflab eager s/step over compiled)")
+    print(" ".join(f"train_ratio_vs_{k}={med[k] / med['difflab']:.2f}" for k in names if k.startswith("diffusers")))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (needs tensorboard)
+    # torch.compile the network for the training step (inductor; needs a C++ compiler on CPU). Off by
+    # default: on the project's 2-core CPU it did not pay (BENCHMARKS.md, "torch.compile")
+    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_decay", parse_choice(LRDecay, self.lr_decay, "train.lr_decay"))

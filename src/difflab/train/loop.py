@@ -145,6 +145,8 @@ class Trainer:
             torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.world_size > 1 else None
         )
+        # the training forward; compiled, it shares its parameters with self.model (and the DDP wrapper)
+        self.forward_net = torch.compile(self.ddp or self.model) if tc.compile else (self.ddp or self.model)
         # timesteps, noise and augmentation differ per rank; the data permutation is shared
         self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         self.global_rng = torch.Generator().manual_seed(tc.seed + 7919 * (self.dist.rank + 1)).get_state()
@@ -200,7 +202,7 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------
     def _train_step(self, sums: torch.Tensor) -> torch.Tensor:
         tc, T = self.cfg.train, self.schedule.num_timesteps
-        net = self.ddp or self.model
+        net = self.forward_net
         for lr_group in self.optimizer.param_groups:
             lr_group["lr"] = lr_at(self.step, tc)
         for micro in range(tc.grad_accum):
