@@ -178,9 +178,12 @@ def main() -> None:
     p.add_argument("--real", required=True, help="real images (folder or fid-stats .npz) for FID/KID")
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("-n", type=int, default=1000)
-    p.add_argument("--samplers", default="dpmpp-2m-sde-20,ddim-50-eta1")
+    p.add_argument("--samplers", default="dpmpp-2m-sde-20,ddim-50-eta1", help="for difflab's model")
+    p.add_argument("--diffusers-samplers", default="dpmpp-2m-sde-20",
+                   help="for diffusers' model (much more compute per image than difflab's: sampling it is the slow part)")
     p.add_argument("--batch-size", type=int, default=125)
     p.add_argument("--out", default="runs/recipe")
+    p.add_argument("--train-only", action="store_true", help="stop after both trainings")
     args = p.parse_args()
 
     from difflab.runs import load_run
@@ -191,6 +194,8 @@ def main() -> None:
     if not (out / "diffusers" / "train.json").is_file():
         train_diffusers(args.data, args.minutes, out / "diffusers")
     infos["diffusers"] = json.loads((out / "diffusers" / "train.json").read_text())
+    if args.train_only:
+        return
     runs = {"difflab": load_run(out / "difflab"), "diffusers": load_diffusers_run(out / "diffusers")}
     results = {}
     for name, run in runs.items():
@@ -198,7 +203,7 @@ def main() -> None:
         if done.is_file() and json.loads(done.read_text())["n"] == args.n:
             results[name] = json.loads(done.read_text())
             continue
-        specs = parse_sampler_specs(args.samplers, 1000)
+        specs = parse_sampler_specs(args.samplers if name == "difflab" else args.diffusers_samplers, 1000)
         res = run_comparison(run, specs, n=args.n, out=out / name / "compare", batch_size=args.batch_size,
                              eval_kwargs={"real": args.real, "metrics": ("fid", "kid"), "kid_subset_size": min(1000, args.n)})
         res.pop("_firsts")

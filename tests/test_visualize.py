@@ -220,10 +220,14 @@ def test_parse_sampler_specs():
     assert s.name == "ddim-50-eta1" and s.config.steps == 50 and s.config.eta == 1.0
     assert parse_sampler_spec("ddpm", 1000).name == "ddpm-1000"
     assert parse_sampler_spec("ddim-eta0.5", 1000).name == "ddim-50-eta0.5"
+    t = parse_sampler_spec("dpmpp-2m-10-trailing", 1000)
+    assert t.name == "dpmpp-2m-10-trailing" and t.config.trailing and t.config.steps == 10
+    assert parse_sampler_spec("ddim-20-eta1-trailing", 1000).config.trailing
     for kind in SamplerKind:  # every kind, including names with dashes, takes a step count
         assert parse_sampler_spec(f"{kind.value}-7", 1000).config.sampler is kind
     for bad, msg in [("ddim-x", "unknown sampler"), ("ddpm-10-eta1", "eta"), ("ddim-0", "steps"),
-                     ("ddim-2000", "exceed"), ("ddim-eta1-50", "unknown sampler")]:
+                     ("ddim-2000", "exceed"), ("ddim-eta1-50", "unknown sampler"), ("ddpm-trailing", "exceed"),
+                     ("ddim-trailing-10", "unknown sampler")]:
         with pytest.raises(ConfigError, match=msg):
             parse_sampler_spec(bad, 1000)
     with pytest.raises(ConfigError, match="twice"):

@@ -126,6 +126,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling steps (default: 50; ddpm: all training steps); heun costs 2N-1 network calls, others N")
     p.add_argument("--grid-kind", choices=[k.value for k in GridKind],
                    help="step grid (default: uniform for ddpm/ddim, karras for euler/heun, log-snr for dpmpp-*)")
+    p.add_argument("--trailing", action="store_true",
+                   help="leave out the network call at t = 0: the grid of STEPS + 1 points minus its last (Lin et al. 2024)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM (default 0)")
     p.add_argument("--churn", type=_nonneg_float, default=0.0, help="euler/heun: Karras et al.'s S_churn noise (default 0)")
     p.add_argument("--spacing", default="uniform", choices=[s.value for s in Spacing], help="older name for --grid-kind uniform|quadratic")
@@ -157,9 +159,10 @@ def run_sample(args: argparse.Namespace) -> int:
 
     steps = args.steps if args.steps is not None else (None if args.sampler == "ddpm" else 50)
     cfg = SamplerConfig(sampler=args.sampler, steps=steps, eta=args.eta, spacing=args.spacing, variance=args.variance,
-                        grid=args.grid_kind, churn=args.churn)
+                        grid=args.grid_kind, churn=args.churn, trailing=args.trailing)
     run = load_run(args.run, weights=args.weights)
-    name = f"{args.sampler}-{steps or run.schedule.num_timesteps}" + (f"-{args.grid_kind}" if args.grid_kind else "")
+    name = (f"{args.sampler}-{steps or run.schedule.num_timesteps}" + (f"-{args.grid_kind}" if args.grid_kind else "")
+            + ("-trailing" if args.trailing else ""))
     out = Path(args.out) if args.out else run.path / "samples" / name
     first = []
     t0 = time.monotonic()

@@ -82,7 +82,8 @@ class SamplerConfig:
     ``grid`` is the grid kind; None picks the sampler's default (:data:`DEFAULT_GRID`, or
     ``spacing`` when that is quadratic). ``spacing`` is the older uniform|quadratic switch, kept so
     existing configs and ``--spacing`` still work. ``churn`` is Karras et al.'s S_churn (euler,
-    heun). :attr:`grid_kind` is the resolved kind and :meth:`nfe` the cost in network evaluations.
+    heun). ``trailing`` leaves out the grid's network call at t = 0 (:func:`build_grid`).
+    :attr:`grid_kind` is the resolved kind and :meth:`nfe` the cost in network evaluations.
     """
 
     sampler: SamplerKind = SamplerKind.DDIM
@@ -92,6 +93,7 @@ class SamplerConfig:
     variance: VarianceType = VarianceType.FIXED_SMALL
     grid: GridKind | None = None
     churn: float = 0.0
+    trailing: bool = False  # the grid of steps + 1 points without its t = 0 call (see samplers.grid)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler", parse_choice(SamplerKind, self.sampler, "sampler"))
@@ -109,6 +111,8 @@ class SamplerConfig:
             raise ConfigError(f"--churn must be >= 0, got {self.churn}")
         if self.churn != 0.0 and self.sampler not in _CHURN_SAMPLERS:
             raise ConfigError(f"--churn applies to the euler and heun samplers only, not {self.sampler.value}")
+        if not isinstance(self.trailing, bool):
+            raise ConfigError(f"trailing must be true or false, got {self.trailing!r}")
         if self.grid is not None and self.spacing is Spacing.QUADRATIC and self.grid is not GridKind.QUADRATIC:
             raise ConfigError(f"--spacing quadratic contradicts --grid-kind {self.grid.value}; give --grid-kind only")
 
@@ -134,7 +138,7 @@ def make_grid(schedule: NoiseSchedule, cfg: SamplerConfig) -> Grid:
     kind = cfg.grid_kind
     if not kind.in_sigma and cfg.steps is not None and cfg.steps > schedule.num_timesteps:
         raise ConfigError(f"--steps {cfg.steps} exceeds the model's {schedule.num_timesteps} training timesteps")
-    return build_grid(schedule, cfg.steps, kind)
+    return build_grid(schedule, cfg.steps, kind, trailing=cfg.trailing)
 
 
 @torch.no_grad()

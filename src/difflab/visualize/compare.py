@@ -38,17 +38,20 @@ class SamplerSpec:
 def parse_sampler_spec(text: str, num_timesteps: int) -> SamplerSpec:
     """``ddim-50-eta1`` -> SamplerSpec('ddim-50-eta1', SamplerConfig('ddim', 50, eta=1.0), 50).
 
-    Trailing ``-N`` is the step count and ``-etaX`` the DDIM eta; what is left is the sampler kind
-    (which may itself contain dashes). Without a step count, ddpm uses every training timestep
+    Trailing ``-N`` is the step count, ``-etaX`` the DDIM eta and ``-trailing`` the trailing grid
+    (no network call at t = 0); what is left is the sampler kind (which may itself contain dashes). Without a step count, ddpm uses every training timestep
     and other samplers 50 (as ``difflab sample`` does).
     """
     spec = text.strip()
     parts = spec.split("-")
     steps: int | None = None
     eta = 0.0
+    trailing = False
     while len(parts) > 1:
         tail = parts[-1]
-        if tail.isdigit() and steps is None:
+        if tail == "trailing" and not trailing and steps is None and eta == 0.0:
+            trailing = True
+        elif tail.isdigit() and steps is None:
             steps = int(tail)
         elif _ETA.match(tail) and eta == 0.0 and steps is None:
             eta = float(_ETA.match(tail).group(1))  # type: ignore[union-attr]
@@ -62,12 +65,12 @@ def parse_sampler_spec(text: str, num_timesteps: int) -> SamplerSpec:
         kind = parse_choice(SamplerKind, kind_text, "sampler")
         if steps is None:
             steps = num_timesteps if kind is SamplerKind.DDPM else min(50, num_timesteps)
-        cfg = SamplerConfig(sampler=kind, steps=steps, eta=eta)
+        cfg = SamplerConfig(sampler=kind, steps=steps, eta=eta, trailing=trailing)
     except ConfigError as e:
-        raise ConfigError(f"--samplers {spec!r}: {e} (a spec is KIND[-STEPS][-etaETA], e.g. ddim-50-eta1)") from None
-    if steps > num_timesteps and not cfg.grid_kind.in_sigma:  # integer grids stop at T; sigma grids do not
+        raise ConfigError(f"--samplers {spec!r}: {e} (a spec is KIND[-STEPS][-etaETA][-trailing], e.g. ddim-50-eta1)") from None
+    if steps + trailing > num_timesteps and not cfg.grid_kind.in_sigma:  # integer grids stop at T; sigma grids do not
         raise ConfigError(f"--samplers {spec!r}: {steps} steps exceed the model's {num_timesteps} training timesteps")
-    name = f"{kind.value}-{steps}" + (f"-eta{eta:g}" if eta else "")
+    name = f"{kind.value}-{steps}" + (f"-eta{eta:g}" if eta else "") + ("-trailing" if trailing else "")
     return SamplerSpec(name=name, config=cfg, steps=steps)
 
 
