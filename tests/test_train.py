@@ -168,3 +168,28 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         Trainer(tiny_cfg("train.tensorboard=true"), tmp_path / "run", data=synthetic(), progress=False)
     assert not (tmp_path / "run").exists()  # nothing half-made to trip over on the next try
+
+
+@pytest.mark.slow  # inductor compiles the tiny UNet's forward and backward: minutes on a 2-core CPU
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    """train.compile=true changes how the network runs, not what it computes: the same seed gives
+    the same losses and weights to float rounding (dropout off, since compiled code draws its own
+    random numbers)."""
+    data = synthetic()
+    runs = {}
+    for name, extra in [("eager", []), ("compiled", ["train.compile=true"])]:
+        cfg = tiny_cfg("model.dropout=0", "train.max_steps=4", "train.log_every=1", *extra)
+        Trainer(cfg, tmp_path / name, data=data, progress=False).run()
+        losses = [r["loss"] for r in map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())]
+        runs[name] = (losses, states(tmp_path / name)["model"])
+    (le, we), (lc, wc) = runs["eager"], runs["compiled"]
+    assert len(le) == len(lc) == 4 and all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(le, lc)), (le, lc)
+    assert all(torch.allclose(we[k], wc[k], rtol=1e-3, atol=1e-5) for k in we)
+
+
+def test_compile_without_a_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ / c++ here
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="train.compile=true needs a C\\+\\+ compiler"):
+        Trainer(tiny_cfg("train.compile=true"), tmp_path / "run", data=synthetic(), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -64,6 +64,15 @@ class DistInfo:
         return self.rank == 0
 
 
+def require_compiler(device: torch.device) -> None:
+    """torch.compile's CPU backend (inductor) builds C++ kernels: fail with one line before training
+    if no compiler is there (inductor reads $CXX, else looks for g++ / clang++)."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in filter(None, [os.environ.get("CXX"), "g++", "clang++", "c++"])):
+        raise ConfigError("train.compile=true needs a C++ compiler on PATH (g++ or clang++, or set CXX) for torch.compile on CPU")
+
+
 def lr_at(step: int, cfg) -> float:
     """Linear warm-up to ``lr``, then constant or cosine decay to ``min_lr_ratio * lr`` at max_steps."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -146,6 +155,8 @@ class Trainer:
             if self.dist.world_size > 1 else None
         )
         # the training forward; compiled, it shares its parameters with self.model (and the DDP wrapper)
+        if tc.compile:
+            require_compiler(self.device)
         self.forward_net = torch.compile(self.ddp or self.model) if tc.compile else (self.ddp or self.model)
         # timesteps, noise and augmentation differ per rank; the data permutation is shared
         self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
