@@ -186,3 +186,23 @@ def test_signal_saves_a_checkpoint_before_exiting(tmp_path, image_folder, sig):
     state = json.loads((out / "latest.json").read_text())
     assert state["step"] >= 1
     assert main(["train", "--out", str(out), "--resume", "--max-steps", str(state["step"] + 1), "--no-progress"]) == 0
+
+
+def test_sample_compile_without_a_compiler_is_a_one_line_error(tmp_path, capsys, trained_run, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    assert main(["sample", "--run", str(trained_run), "--compile", "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile needs a C++ compiler" in err[0] and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow  # inductor compiles the tiny UNet's forward: minutes on a 2-core CPU
+def test_compiled_sampling_gives_the_eager_images(trained_run):
+    from difflab.runs import load_run
+    from difflab.samplers import SamplerConfig, sample
+
+    run = load_run(trained_run)
+    cfg = SamplerConfig(sampler="dpmpp-2m-sde", steps=4)
+    eager = sample(run.denoiser(precision="fp32"), 3, run.image_shape, cfg, progress=False)
+    compiled = sample(run.denoiser(precision="fp32", compile=True), 3, run.image_shape, cfg, progress=False)
+    assert torch.allclose(eager, compiled, atol=1e-4), float((eager - compiled).abs().max())

@@ -3,14 +3,14 @@ import math
 import pytest
 import torch
 
-from difflab.denoiser import Clip, Denoiser, dynamic_threshold
+from difflab.denoiser import Denoiser, dynamic_threshold
 from difflab.errors import ConfigError
 from difflab.samplers import (
-    SamplerConfig, discrete_grid, image_generators, make_grid, run_sampler, sample, sample_ddim, sample_ddpm,
+    SamplerConfig, discrete_grid, image_generators, make_grid, sample, sample_ddim, sample_ddpm,
     spaced_timesteps,
 )
 from difflab.samplers.noise import randn
-from difflab.schedule import NoiseSchedule, Prediction
+from difflab.schedule import NoiseSchedule
 
 from gaussian import GaussianModel, exact_ode_solution
 

@@ -136,6 +136,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="x0_hat clipping to the data range [-1, 1] at each step (default clip; dynamic = Imagen thresholding)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     add_precision_argument(p)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (needs a C++ compiler; pays for large sample sets once compiled)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
     p.add_argument("--start", type=_nonneg_int, default=0,
                    help="first image index: writes START+1 ... START+N, the same images a single run of START+N writes "
@@ -166,14 +168,14 @@ def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run.path / "samples" / name
     first = []
     t0 = time.monotonic()
-    for idx, imgs in sample_batches(run.denoiser(args.clip, args.precision), args.n, run.image_shape, cfg, seed=args.seed,
+    for idx, imgs in sample_batches(run.denoiser(args.clip, args.precision, args.compile), args.n, run.image_shape, cfg, seed=args.seed,
                                     batch_size=args.batch_size, start=args.start, progress=not args.no_progress):
         save_numbered(imgs, out, idx.start, args.format)
         if len(first) * args.batch_size < 64:
             first.append(imgs)
     seconds = time.monotonic() - t0
     meta = {"run": str(run.path), "step": run.step, "n": args.n, "start": args.start, "seed": args.seed, "weights": args.weights,
-            "clip": args.clip, "precision": args.precision, "sampler": cfg.to_dict(), "grid_kind": cfg.grid_kind.value,
+            "clip": args.clip, "precision": args.precision, "compile": args.compile, "sampler": cfg.to_dict(), "grid_kind": cfg.grid_kind.value,
             "nfe_per_image": cfg.nfe(run.schedule.num_timesteps), "seconds": seconds}
     from difflab.io import atomic_write_json
     # a shard (--start > 0) keeps its own record beside the first one's

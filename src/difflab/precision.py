@@ -1,13 +1,18 @@
-"""Which float type the network runs in: bf16 autocast where the hardware does bf16 natively.
+"""How the network runs fast: bf16 autocast where the hardware does bf16 natively, and whether
+torch.compile can run here.
 
 Shared by training (bf16 autocast, fp32 master weights) and sampling (bf16 autocast of the network
 call only; the sampler's own arithmetic stays fp32/fp64).
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 
 from difflab.config import Precision
+from difflab.errors import ConfigError
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -32,3 +37,10 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def require_compiler(device: torch.device, flag: str) -> None:
+    """torch.compile's CPU backend (inductor) builds C++ kernels: fail with one line naming ``flag``
+    before any work if no compiler is there (inductor reads $CXX, else looks for g++ / clang++)."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in filter(None, [os.environ.get("CXX"), "g++", "clang++", "c++"])):
+        raise ConfigError(f"{flag} needs a C++ compiler on PATH (g++ or clang++, or set CXX) for torch.compile on CPU")

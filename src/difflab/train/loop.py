@@ -37,7 +37,7 @@ from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
 from difflab.losses import diffusion_loss
 from difflab.models.unet import UNet
-from difflab.precision import autocast_dtype
+from difflab.precision import autocast_dtype, require_compiler
 from difflab.samplers import SamplerConfig, sample
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import CONFIG, latest_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
@@ -62,15 +62,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def require_compiler(device: torch.device) -> None:
-    """torch.compile's CPU backend (inductor) builds C++ kernels: fail with one line before training
-    if no compiler is there (inductor reads $CXX, else looks for g++ / clang++)."""
-    import shutil
-
-    if device.type == "cpu" and not any(shutil.which(c) for c in filter(None, [os.environ.get("CXX"), "g++", "clang++", "c++"])):
-        raise ConfigError("train.compile=true needs a C++ compiler on PATH (g++ or clang++, or set CXX) for torch.compile on CPU")
 
 
 def lr_at(step: int, cfg) -> float:
@@ -156,7 +147,7 @@ class Trainer:
         )
         # the training forward; compiled, it shares its parameters with self.model (and the DDP wrapper)
         if tc.compile:
-            require_compiler(self.device)
+            require_compiler(self.device, "train.compile=true")
         self.forward_net = torch.compile(self.ddp or self.model) if tc.compile else (self.ddp or self.model)
         # timesteps, noise and augmentation differ per rank; the data permutation is shared
         self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
