@@ -132,22 +132,20 @@ class DiffusersRun:
     image_shape = (3, IMAGE_SIZE, IMAGE_SIZE)
 
     def denoiser(self, clip: str = "clip", precision: str = "auto"):
-        from difflab.denoiser import Denoiser
-        from difflab.config import Precision
-        from difflab.errors import parse_choice
-        from difflab.precision import autocast_dtype
+        from difflab.runs import sampling_denoiser
 
-        unet = self.model
+        return sampling_denoiser(EpsOutput(self.model), self.schedule, "eps", clip=clip, precision=precision)
 
-        class Eps(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.unet = unet
 
-            def forward(self, x, t):
-                return self.unet(x, t).sample
+class EpsOutput(torch.nn.Module):
+    """diffusers' UNet2DModel returns an output object; difflab's denoiser wants the eps tensor."""
 
-        return Denoiser(Eps(), self.schedule, "eps", clip=clip, autocast=autocast_dtype(parse_choice(Precision, precision, "precision"), torch.device("cpu")), channels_last=True)
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
 
 
 def load_diffusers_run(out: Path) -> DiffusersRun:
@@ -186,6 +184,7 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true", help="stop after both trainings")
     args = p.parse_args()
 
+    from difflab.io import atomic_write_json
     from difflab.runs import load_run
     from difflab.visualize.compare import parse_sampler_specs, run_comparison
 
@@ -200,8 +199,9 @@ def main() -> None:
     results = {}
     for name, run in runs.items():
         done = out / name / "compare.json"
-        if done.is_file() and json.loads(done.read_text())["n"] == args.n:
-            results[name] = json.loads(done.read_text())
+        previous = json.loads(done.read_text()) if done.is_file() else None
+        if previous is not None and previous["n"] == args.n:
+            results[name] = previous
             continue
         specs = parse_sampler_specs(args.samplers if name == "difflab" else args.diffusers_samplers, 1000)
         res = run_comparison(run, specs, n=args.n, out=out / name / "compare", batch_size=args.batch_size,
@@ -209,8 +209,6 @@ def main() -> None:
         res.pop("_firsts")
         for row in res["rows"]:
             row.pop("eval", None)
-        from difflab.io import atomic_write_json
-
         atomic_write_json(done, res)
         results[name] = res
 

@@ -35,18 +35,15 @@ STEPS = 20
 
 
 def make_difflab(batch: int) -> Callable[[], None]:
-    from difflab.config import Precision
-    from difflab.denoiser import Denoiser
     from difflab.models.unet import UNet
-    from difflab.precision import autocast_dtype
+    from difflab.runs import sampling_denoiser
     from difflab.samplers import SamplerConfig, sample
     from difflab.schedule import NoiseSchedule
 
     cfg = difflab_config(batch)
     torch.manual_seed(0)
     model = UNet(cfg.model).to(memory_format=torch.channels_last).eval().requires_grad_(False)
-    den = Denoiser(model, NoiseSchedule(cfg.schedule), cfg.loss.prediction, clip="clip",
-                   autocast=autocast_dtype(Precision.AUTO, torch.device("cpu")), channels_last=True)
+    den = sampling_denoiser(model, NoiseSchedule(cfg.schedule), cfg.loss.prediction, clip="clip", precision="auto")
     scfg = SamplerConfig(sampler="ddim", steps=STEPS)
     calls = iter(range(10**9))
 
