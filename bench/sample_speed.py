@@ -6,12 +6,15 @@ Variants, interleaved A B C, A B C, ... in one process, each call generating ``-
                     clipping, network in bf16 autocast + channels_last where the CPU has native bf16
     diffusers_fp32  DDIMPipeline(batch_size=B, num_inference_steps=20), as its documentation shows
     diffusers_bf16  the same pipeline with the UNet in channels_last and the call under bf16 autocast
+    difflab_layernorm  (optional, --variants) difflab with model.norm=layer: LayerNorm over each
+                    pixel's channels instead of GroupNorm
 
 Speed only: both networks have their (seeded) initial weights, since the cost of a step does not
 depend on them. Architecture as in bench/train_speed.py (32x32 RGB, 64/128/256, attention at 16x16).
 
     pip install -e '.[bench]'
     python bench/sample_speed.py [--batch 125] [--rounds 8]      # 8 x 125 = 1000 images per variant
+    python bench/sample_speed.py --variants difflab,difflab_layernorm
 
 Last line: ``sample_ratio_vs_diffusers_fp32=X sample_ratio_vs_diffusers_bf16=Y`` (images/s ratios).
 """
@@ -27,20 +30,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    CHANNELS, IMAGE_SIZE, difflab_config, diffusers_unet, interleave, own_peak_rss_mib, peak_rss_mib_of,
+    CHANNELS, IMAGE_SIZE, LAYERNORM_OVERRIDES, difflab_config, diffusers_unet, interleave, own_peak_rss_mib,
+    peak_rss_mib_of,
 )
 
 VARIANTS = ("difflab", "diffusers_fp32", "diffusers_bf16")
+OPTIONAL = ("difflab_layernorm",)
 STEPS = 20
 
 
-def make_difflab(batch: int) -> Callable[[], None]:
+def make_difflab(batch: int, layernorm: bool = False) -> Callable[[], None]:
     from difflab.models.unet import UNet
     from difflab.runs import sampling_denoiser
     from difflab.samplers import SamplerConfig, sample
     from difflab.schedule import NoiseSchedule
 
-    cfg = difflab_config(batch)
+    cfg = difflab_config(batch, LAYERNORM_OVERRIDES if layernorm else [])
     torch.manual_seed(0)
     model = UNet(cfg.model).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     den = sampling_denoiser(model, NoiseSchedule(cfg.schedule), cfg.loss.prediction, clip="clip", precision="auto")
@@ -72,7 +77,9 @@ def make_diffusers(batch: int, bf16: bool) -> Callable[[], None]:
 
 
 def build(name: str, batch: int) -> Callable[[], None]:
-    return make_difflab(batch) if name == "difflab" else make_diffusers(batch, bf16=name == "diffusers_bf16")
+    if name.startswith("difflab"):
+        return make_difflab(batch, layernorm=name == "difflab_layernorm")
+    return make_diffusers(batch, bf16=name == "diffusers_bf16")
 
 
 def main() -> None:
@@ -80,30 +87,35 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=125)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS + OPTIONAL)}")
+    p.add_argument("--memory-of", choices=VARIANTS + OPTIONAL, help=argparse.SUPPRESS)
     p.add_argument("--no-memory", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    names = [v.strip() for v in args.variants.split(",")]
+    if not set(names) <= set(VARIANTS + OPTIONAL) or "difflab" not in names:
+        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS + OPTIONAL)}, including difflab")
     if args.memory_of:
         build(args.memory_of, args.batch)()
         print(f"{own_peak_rss_mib():.1f}")
         return
     print(f"{args.rounds} rounds x {args.batch} images per variant, DDIM {STEPS} steps, {args.threads} threads, "
           f"torch {torch.__version__}")
-    times = interleave({name: build(name, args.batch) for name in VARIANTS}, args.rounds, 1, warmup=0)
+    times = interleave({name: build(name, args.batch) for name in names}, args.rounds, 1, warmup=0)
     mem = {} if args.no_memory else {
         name: peak_rss_mib_of(__file__, ["--memory-of", name, "--batch", str(args.batch), "--threads", str(args.threads)])
-        for name in VARIANTS
+        for name in names
     }
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: args.batch / v for k, v in med.items()}
     print("| variant | s per batch (median) | images/s | peak RSS (MiB) | difflab speed-up |")
     print("|---|---:|---:|---:|---:|")
-    for name in VARIANTS:
+    for name in names:
         print(f"| {name} | {med[name]:.2f} | {rate[name]:.2f} | {mem.get(name, float('nan')):.0f} | "
               f"{rate['difflab'] / rate[name]:.2f}x |")
-    print(f"sample_ratio_vs_diffusers_fp32={rate['difflab'] / rate['diffusers_fp32']:.2f} "
-          f"sample_ratio_vs_diffusers_bf16={rate['difflab'] / rate['diffusers_bf16']:.2f}")
+    if "difflab_layernorm" in names:
+        print(f"layernorm_speedup={rate['difflab_layernorm'] / rate['difflab']:.2f} (LayerNorm images/s over GroupNorm)")
+    print(" ".join(f"sample_ratio_vs_{k}={rate['difflab'] / rate[k]:.2f}" for k in names if k.startswith("diffusers")))
 
 
 if __name__ == "__main__":

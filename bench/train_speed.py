@@ -35,11 +35,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     conv_peak_tflops, difflab_config, diffusers_unet, forward_flops, interleave, n_params, own_peak_rss_mib,
-    peak_rss_mib_of, IMAGE_SIZE, CHANNELS,
+    peak_rss_mib_of, IMAGE_SIZE, CHANNELS, LAYERNORM_OVERRIDES,
 )
 
 VARIANTS = ("difflab", "diffusers_fp32", "diffusers_bf16")
-OPTIONAL = ("difflab_compile",)  # difflab with train.compile=true (torch.compile, inductor)
+# Optional difflab variants and their config overrides: torch.compile (inductor), and every GroupNorm
+# replaced by a LayerNorm over each pixel's channels (model.norm=layer; not the matched architecture).
+DIFFLAB_EXTRAS = {"difflab_compile": ["train.compile=true"], "difflab_layernorm": LAYERNORM_OVERRIDES}
+OPTIONAL = tuple(DIFFLAB_EXTRAS)
 
 
 def synthetic_images(n: int = 1024):
@@ -50,11 +53,11 @@ def synthetic_images(n: int = 1024):
                      None, "synthetic", 0)
 
 
-def make_difflab(batch: int, workdir: Path, compile: bool = False) -> tuple[Callable[[], None], torch.nn.Module, Callable[[], object]]:
+def make_difflab(batch: int, workdir: Path, name: str = "difflab") -> tuple[Callable[[], None], torch.nn.Module, Callable[[], object]]:
     from difflab.train import Trainer
 
-    cfg = difflab_config(batch, ["train.compile=true"] if compile else [])
-    trainer = Trainer(cfg, workdir / ("difflab_compile" if compile else "difflab"), data=synthetic_images(), progress=False)
+    cfg = difflab_config(batch, DIFFLAB_EXTRAS.get(name, []))
+    trainer = Trainer(cfg, workdir / name, data=synthetic_images(), progress=False)
     trainer.model.train()
     sums = torch.zeros(2, 4)
 
@@ -98,7 +101,7 @@ def make_diffusers(batch: int, bf16: bool) -> tuple[Callable[[], None], torch.nn
 
 def build(name: str, batch: int, workdir: Path):
     if name.startswith("difflab"):
-        return make_difflab(batch, workdir, compile=name == "difflab_compile")
+        return make_difflab(batch, workdir, name)
     return make_diffusers(batch, bf16=name == "diffusers_bf16")
 
 
@@ -153,6 +156,8 @@ def main() -> None:
               f"{mem.get(name, float('nan')):.0f} | {med[name] / med['difflab']:.2f}x |")
     if "difflab_compile" in names:
         print(f"compile_speedup={med['difflab'] / med['difflab_compile']:.2f} (difflab eager s/step over compiled)")
+    if "difflab_layernorm" in names:
+        print(f"layernorm_speedup={med['difflab'] / med['difflab_layernorm']:.2f} (GroupNorm s/step over LayerNorm)")
     print(" ".join(f"train_ratio_vs_{k}={med[k] / med['difflab']:.2f}" for k in names if k.startswith("diffusers")))
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from difflab.errors import ConfigError, DifflabError
-from difflab.models import PRESETS, BlockType, UNet, UNetConfig, unet_config
-from difflab.models.layers import LinearAttention, SelfAttention, timestep_embedding
+from difflab.models import PRESETS, BlockType, NormType, UNet, UNetConfig, unet_config
+from difflab.models.layers import ChannelLayerNorm, LinearAttention, SelfAttention, make_norm, timestep_embedding
 
 # Ho et al. 2020's CIFAR-10 model as counted in the original TF code (diffusion_tf), and as quoted by
 # its PyTorch ports: 35,746,307 parameters ("35.7M" in the paper).
@@ -48,10 +48,11 @@ def tiny(**overrides) -> UNet:
     return wake(UNet(unet_config("tiny", **overrides)))
 
 
-# Variants of `tiny` covering every layer type: ConvNeXt blocks and linear attention.
+# Variants of `tiny` covering every layer type: ConvNeXt blocks, linear attention, per-pixel LayerNorm.
 VARIANTS = {
     "resnet": {},
     "convnext+linear": {"block": "convnext", "linear_attention_resolutions": (16,)},
+    "resnet+layernorm": {"norm": "layer"},
 }
 
 
@@ -180,7 +181,7 @@ def test_every_parameter_gets_a_gradient(variant):
 
 def test_self_attention_matches_the_softmax_formula():
     torch.manual_seed(0)
-    layer = wake(SelfAttention(channels=8, head_channels=4, groups=2))
+    layer = wake(SelfAttention(channels=8, head_channels=4, norm=make_norm(NormType.GROUP, groups=2)))
     x = torch.randn(2, 8, 3, 5)
     tokens = layer.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
     q, k, v = layer.qkv(tokens).chunk(3, dim=-1)
@@ -196,7 +197,7 @@ def test_self_attention_matches_the_softmax_formula():
 def test_linear_attention_equals_its_quadratic_form():
     """out_n = sum_m (q_n . k_m) v_m with q softmaxed over features and k over pixels (Shen et al.)."""
     torch.manual_seed(0)
-    layer = wake(LinearAttention(channels=8, head_channels=4, groups=2))
+    layer = wake(LinearAttention(channels=8, head_channels=4, norm=make_norm(NormType.GROUP, groups=2)))
     x = torch.randn(2, 8, 4, 4)
     tokens = layer.norm(x).flatten(2).transpose(1, 2)
     q, k, v = layer.qkv(tokens).chunk(3, dim=-1)
@@ -240,16 +241,42 @@ def test_channels_last_and_bf16_autocast(variant):
 ROUND_TRIP_CONFIGS = [
     *PRESETS.values(),
     UNetConfig(block="convnext", num_classes=10, linear_attention_resolutions=(32,), dropout=0),
+    UNetConfig(norm="layer", norm_groups=7),
 ]
 
 
-@pytest.mark.parametrize("cfg", ROUND_TRIP_CONFIGS, ids=[*PRESETS, "custom"])
+@pytest.mark.parametrize("cfg", ROUND_TRIP_CONFIGS, ids=[*PRESETS, "custom", "layernorm"])
 def test_config_round_trips_through_json(cfg):
     back = UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
     assert isinstance(back.channel_mults, tuple) and isinstance(back.attention_resolutions, tuple)
     assert isinstance(back.linear_attention_resolutions, tuple)
     assert isinstance(back.block, BlockType) and isinstance(back.dropout, float)
+    assert isinstance(back.norm, NormType)
+
+
+def test_layer_norm_replaces_every_group_norm():
+    model = tiny(norm="layer")
+    kinds = {type(m) for m in model.modules()}
+    assert ChannelLayerNorm in kinds and torch.nn.GroupNorm not in kinds
+    assert {type(m) for m in tiny().modules()} >= {torch.nn.GroupNorm}
+    # A run saved before the field existed loads as GroupNorm, DDPM's choice.
+    old = {k: v for k, v in tiny().config.to_dict().items() if k != "norm"}
+    assert UNetConfig.from_dict(old).norm is NormType.GROUP
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_layer_norm_normalises_each_pixel(layout):
+    torch.manual_seed(0)
+    layer = ChannelLayerNorm(6)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.normal_()
+    x = (3 * torch.randn(2, 6, 4, 5) + 1).contiguous(memory_format=layout)
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + layer.eps) * layer.weight[:, None, None] + layer.bias[:, None, None]
+    torch.testing.assert_close(layer(x), expected)
 
 
 def test_config_normalises_lists_and_strings():
@@ -282,6 +309,7 @@ def test_presets_and_overrides():
         ({"linear_attention_resolutions": (64,)}, "linear_attention_resolutions: 64 is not"),
         ({"linear_attention_resolutions": (16,)}, r"both list \[16\]"),
         ({"block": "transformer"}, "unknown UNetConfig.block 'transformer'; choose one of 'resnet', 'convnext'"),
+        ({"norm": "batch"}, "unknown UNetConfig.norm 'batch'; choose one of 'group', 'layer'"),
         ({"head_channels": 48}, "head_channels=48 must divide the 128 channels at resolution 16"),
         ({"head_channels": 256, "attention_resolutions": ()}, "head_channels=256 must divide the 128 .* middle"),
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),

@@ -14,6 +14,9 @@ Architecture (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", append
   features and one stored encoder output, then a nearest-upsample + conv (not after the first level);
 - output: ``GroupNorm -> SiLU -> conv3x3`` back to ``in_channels`` (zero-initialised).
 
+``norm="layer"`` replaces every GroupNorm (blocks, attention, output) by a LayerNorm over the channels of
+each pixel, which is about twice as fast forward + backward on a CPU (see :class:`NormType`).
+
 The network is convolutional: ``image_size`` fixes which levels get attention, and ``forward`` accepts
 any height and width divisible by ``2 ** (len(channel_mults) - 1)``.
 """
@@ -35,10 +38,12 @@ from difflab.models.layers import (
     Downsample,
     EmbedSequential,
     LinearAttention,
+    NormType,
     ResBlock,
     SelfAttention,
     Upsample,
     timestep_embedding,
+    make_norm,
     zero_init,
 )
 
@@ -89,6 +94,8 @@ class UNetConfig:
             the middle). Set it to that channel count for a single head, as in DDPM.
         dropout: dropout probability inside each block (DDPM: 0.1 on CIFAR-10).
         block: ``"resnet"`` or ``"convnext"`` (a :class:`BlockType`).
+        norm: ``"group"`` (GroupNorm, DDPM's) or ``"layer"`` (LayerNorm over each pixel's channels), a
+            :class:`NormType`; ConvNeXt blocks always use their own LayerNorm inside.
         norm_groups: GroupNorm groups; must divide ``base_channels`` (and so every channel count).
         num_classes: 0 for an unconditional model; ``K > 0`` adds a learned embedding of the labels
             ``0..K-1`` plus the null label ``K`` (used when ``class_labels`` is ``None``).
@@ -104,6 +111,7 @@ class UNetConfig:
     head_channels: int = 64
     dropout: float = 0.1
     block: BlockType = BlockType.RESNET
+    norm: NormType = NormType.GROUP
     norm_groups: int = 32
     num_classes: int = 0
 
@@ -128,6 +136,7 @@ class UNetConfig:
             raise ConfigError(f"UNetConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         set_(self, "dropout", float(self.dropout))
         set_(self, "block", parse_choice(BlockType, self.block, "UNetConfig.block"))
+        set_(self, "norm", parse_choice(NormType, self.norm, "UNetConfig.norm"))
         _check_int("norm_groups", self.norm_groups, 1)
         _check_int("num_classes", self.num_classes, 0)
 
@@ -137,7 +146,7 @@ class UNetConfig:
                 f"UNetConfig.image_size={self.image_size} must be divisible by {factor} "
                 f"(2 ** (len(channel_mults) - 1) for channel_mults={self.channel_mults})"
             )
-        if self.base_channels % self.norm_groups:
+        if self.norm is NormType.GROUP and self.base_channels % self.norm_groups:
             raise ConfigError(
                 f"UNetConfig.norm_groups={self.norm_groups} must divide base_channels={self.base_channels}"
             )
@@ -280,17 +289,18 @@ class UNet(nn.Module):
         emb_dim = 4 * base
         softmax_at = set(c.attention_resolutions)
         linear_at = set(c.linear_attention_resolutions)
+        norm = make_norm(c.norm, c.norm_groups)
 
         def block(cin: int, cout: int) -> nn.Module:
             if c.block is BlockType.CONVNEXT:
                 return ConvNeXtBlock(cin, cout, emb_dim, c.dropout)
-            return ResBlock(cin, cout, emb_dim, c.dropout, c.norm_groups)
+            return ResBlock(cin, cout, emb_dim, c.dropout, norm)
 
         def with_attention(layers: list[nn.Module], channels: int, res: int) -> EmbedSequential:
             if res in softmax_at:
-                layers.append(SelfAttention(channels, c.head_channels, c.norm_groups))
+                layers.append(SelfAttention(channels, c.head_channels, norm))
             elif res in linear_at:
-                layers.append(LinearAttention(channels, c.head_channels, c.norm_groups))
+                layers.append(LinearAttention(channels, c.head_channels, norm))
             return EmbedSequential(*layers)
 
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -311,7 +321,7 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         self.middle = EmbedSequential(
-            block(ch, ch), SelfAttention(ch, c.head_channels, c.norm_groups), block(ch, ch)
+            block(ch, ch), SelfAttention(ch, c.head_channels, norm), block(ch, ch)
         )
 
         self.up = nn.ModuleList()
@@ -325,7 +335,7 @@ class UNet(nn.Module):
                     stage.append(Upsample(ch))
                 self.up.append(stage)
 
-        self.norm_out = nn.GroupNorm(c.norm_groups, ch)
+        self.norm_out = norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, c.in_channels, 3, padding=1))
 
     @property
@@ -384,4 +394,4 @@ class UNet(nn.Module):
         return out.to(x.dtype)
 
 
-__all__ = ["BlockType", "PRESETS", "UNet", "UNetConfig", "unet_config"]
+__all__ = ["BlockType", "NormType", "PRESETS", "UNet", "UNetConfig", "unet_config"]
