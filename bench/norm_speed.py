@@ -1,0 +1,71 @@
+"""Norm layer + SiLU, forward and backward, on one activation: which norm, in which layout.
+
+All under bf16 autocast as difflab trains by default (on torch 2.13 both norms take the bf16
+activation with fp32 parameters and return bf16, accumulating in fp32; no casts around them):
+
+    GN                 nn.GroupNorm(32) on the channels_last activation (model.norm=group, the default)
+    GN, NCHW           the same GroupNorm on a contiguous (NCHW) copy of the activation, not counting
+                       the copy: shows that torch's CPU kernel for channels_last is the slow part
+    LN                 difflab's ChannelLayerNorm (model.norm=layer): LayerNorm over each pixel's
+                       channels, one contiguous row per pixel in channels_last memory
+
+One (64, 128, 32, 32) bf16 activation (the matched architecture's 32x32 level at batch 64), 32
+groups, 2 threads, the variants alternated, medians of 7.
+
+    python bench/norm_speed.py
+
+Last line: ``layernorm_speedup=X nchw_groupnorm_speedup=Y`` (GN's time over LN's, over GN on NCHW's).
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from difflab.models.layers import ChannelLayerNorm  # noqa: E402
+
+N, C, H, GROUPS = 64, 128, 32, 32
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    x_cl = torch.randn(N, C, H, H, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dy_cl = torch.randn(N, C, H, H, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    gn, ln = torch.nn.GroupNorm(GROUPS, C), ChannelLayerNorm(C)
+
+    def run(norm, x0, dy):
+        def step() -> None:
+            x = x0.detach().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = F.silu(norm(x))
+            y.backward(dy)
+        return step
+
+    variants = {
+        "GN": run(gn, x_cl, dy_cl),
+        "GN, NCHW": run(gn, x_cl.contiguous(), dy_cl.contiguous()),
+        "LN": run(ln, x_cl, dy_cl),
+    }
+    times = {k: [] for k in variants}
+    for f in variants.values():
+        f()
+    for _ in range(7):
+        for k, f in variants.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    print(f"norm + SiLU forward + backward on a ({N}, {C}, {H}, {H}) bf16 activation, torch {torch.__version__}")
+    print("| variant | ms (median of 7) |")
+    print("|---|---:|")
+    med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"| {k} | {v:.1f} |")
+    print(f"layernorm_speedup={med['GN'] / med['LN']:.2f} nchw_groupnorm_speedup={med['GN'] / med['GN, NCHW']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
