@@ -53,6 +53,7 @@ VARIANTS = {
     "resnet": {},
     "convnext+linear": {"block": "convnext", "linear_attention_resolutions": (16,)},
     "resnet+layernorm": {"norm": "layer"},
+    "resnet+group-channels": {"norm_group_channels": 8},
 }
 
 
@@ -242,10 +243,11 @@ ROUND_TRIP_CONFIGS = [
     *PRESETS.values(),
     UNetConfig(block="convnext", num_classes=10, linear_attention_resolutions=(32,), dropout=0),
     UNetConfig(norm="layer", norm_groups=7),
+    UNetConfig(norm_group_channels=16),
 ]
 
 
-@pytest.mark.parametrize("cfg", ROUND_TRIP_CONFIGS, ids=[*PRESETS, "custom", "layernorm"])
+@pytest.mark.parametrize("cfg", ROUND_TRIP_CONFIGS, ids=[*PRESETS, "custom", "layernorm", "group-channels"])
 def test_config_round_trips_through_json(cfg):
     back = UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
@@ -263,6 +265,15 @@ def test_layer_norm_replaces_every_group_norm():
     # A run saved before the field existed loads as GroupNorm, DDPM's choice.
     old = {k: v for k, v in tiny().config.to_dict().items() if k != "norm"}
     assert UNetConfig.from_dict(old).norm is NormType.GROUP
+
+
+def test_group_channels_fix_the_group_size_not_the_group_count():
+    model = UNet(unet_config("small", norm_group_channels=16))
+    shapes = {(m.num_groups, m.num_channels) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    # small: 32 and 64 channels, decoder inputs of 96 and 128 (features + skip): 16 channels per group
+    assert shapes == {(2, 32), (4, 64), (6, 96), (8, 128)}
+    fixed = {(m.num_groups, m.num_channels) for m in UNet(PRESETS["small"]).modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert {g for g, _ in fixed} == {8}
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -305,6 +316,8 @@ def test_presets_and_overrides():
         ({"in_channels": 3.0}, "in_channels must be 1 or 3"),
         ({"image_size": 30}, "image_size=30 must be divisible by 4"),
         ({"norm_groups": 24}, "norm_groups=24 must divide base_channels=64"),
+        ({"norm_group_channels": 24}, "norm_group_channels=24 must divide base_channels=64"),
+        ({"norm_group_channels": -1}, "norm_group_channels must be >= 0"),
         ({"attention_resolutions": (12,)}, "attention_resolutions: 12 is not a feature-map size .* 32, 16, 8"),
         ({"linear_attention_resolutions": (64,)}, "linear_attention_resolutions: 64 is not"),
         ({"linear_attention_resolutions": (16,)}, r"both list \[16\]"),

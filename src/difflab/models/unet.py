@@ -97,6 +97,9 @@ class UNetConfig:
         norm: ``"group"`` (GroupNorm, DDPM's) or ``"layer"`` (LayerNorm over each pixel's channels), a
             :class:`NormType`; ConvNeXt blocks always use their own LayerNorm inside.
         norm_groups: GroupNorm groups; must divide ``base_channels`` (and so every channel count).
+        norm_group_channels: when > 0, every GroupNorm has groups of this many channels (``C //
+            norm_group_channels`` groups in a ``C``-channel layer) instead of ``norm_groups`` groups; must
+            divide ``base_channels``. 16 or more keeps torch's channels_last GroupNorm kernel fast.
         num_classes: 0 for an unconditional model; ``K > 0`` adds a learned embedding of the labels
             ``0..K-1`` plus the null label ``K`` (used when ``class_labels`` is ``None``).
     """
@@ -113,6 +116,7 @@ class UNetConfig:
     block: BlockType = BlockType.RESNET
     norm: NormType = NormType.GROUP
     norm_groups: int = 32
+    norm_group_channels: int = 0
     num_classes: int = 0
 
     def __post_init__(self) -> None:
@@ -138,6 +142,7 @@ class UNetConfig:
         set_(self, "block", parse_choice(BlockType, self.block, "UNetConfig.block"))
         set_(self, "norm", parse_choice(NormType, self.norm, "UNetConfig.norm"))
         _check_int("norm_groups", self.norm_groups, 1)
+        _check_int("norm_group_channels", self.norm_group_channels, 0)
         _check_int("num_classes", self.num_classes, 0)
 
         factor = 2 ** (len(self.channel_mults) - 1)
@@ -146,7 +151,12 @@ class UNetConfig:
                 f"UNetConfig.image_size={self.image_size} must be divisible by {factor} "
                 f"(2 ** (len(channel_mults) - 1) for channel_mults={self.channel_mults})"
             )
-        if self.norm is NormType.GROUP and self.base_channels % self.norm_groups:
+        if self.norm is NormType.GROUP and self.norm_group_channels and self.base_channels % self.norm_group_channels:
+            raise ConfigError(
+                f"UNetConfig.norm_group_channels={self.norm_group_channels} must divide "
+                f"base_channels={self.base_channels}"
+            )
+        if self.norm is NormType.GROUP and not self.norm_group_channels and self.base_channels % self.norm_groups:
             raise ConfigError(
                 f"UNetConfig.norm_groups={self.norm_groups} must divide base_channels={self.base_channels}"
             )
@@ -289,7 +299,7 @@ class UNet(nn.Module):
         emb_dim = 4 * base
         softmax_at = set(c.attention_resolutions)
         linear_at = set(c.linear_attention_resolutions)
-        norm = make_norm(c.norm, c.norm_groups)
+        norm = make_norm(c.norm, c.norm_groups, c.norm_group_channels)
 
         def block(cin: int, cout: int) -> nn.Module:
             if c.block is BlockType.CONVNEXT:
