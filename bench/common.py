@@ -17,9 +17,10 @@ import torch
 # attention at 16x16 (one 64-channel head per 64 channels), GroupNorm(32), no dropout.
 IMAGE_SIZE, CHANNELS = 32, 3
 DIFFLAB_OVERRIDES = ["model.dropout=0", "model.head_channels=64", "model.norm_groups=32"]
-# The optional `difflab_layernorm` variant of the speed benches: every GroupNorm replaced by a LayerNorm
-# over each pixel's channels (not the matched architecture any more, but the same parameter count).
-LAYERNORM_OVERRIDES = ["model.norm=layer"]
+# Optional difflab variants of the speed benches with other norm layers (not the matched architecture
+# any more, but the same parameter count): every GroupNorm replaced by a LayerNorm over each pixel's
+# channels, or GroupNorm with 16 channels per group instead of 32 groups.
+NORM_VARIANTS = {"difflab_layernorm": ["model.norm=layer"], "difflab_group16": ["model.norm_group_channels=16"]}
 
 
 def diffusers_unet():

@@ -2,9 +2,10 @@
 
 The step is bench/train_speed.py's (the matched architecture: 32x32 RGB, 64/128/256 channels, 2 blocks
 per level, attention at 16x16 and in the middle, batch 64, bf16 autocast + channels_last), with
-GroupNorm (the default) or, with ``--norm layer``, LayerNorm over each pixel's channels.
+GroupNorm(32) (the default), GroupNorm with 16 channels per group (``--norm group16``) or LayerNorm over
+each pixel's channels (``--norm layer``).
 
-    python bench/profile_step.py [--norm group|layer] [--steps 3]
+    python bench/profile_step.py [--norm group|group16|layer] [--steps 3]
 
 Last line: ``norm_share=X conv_share=Y`` (the fractions of self CPU time in norm layers, in convolutions).
 """
@@ -43,7 +44,7 @@ def family(name: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--norm", choices=("group", "layer"), default="group")
+    p.add_argument("--norm", choices=("group", "layer", "group16"), default="group")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -52,7 +53,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with tempfile.TemporaryDirectory() as tmp:
-        step, _, _ = make_difflab(args.batch, Path(tmp), "difflab_layernorm" if args.norm == "layer" else "difflab")
+        variant = {"group": "difflab", "layer": "difflab_layernorm", "group16": "difflab_group16"}[args.norm]
+        step, _, _ = make_difflab(args.batch, Path(tmp), variant)
         step()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):

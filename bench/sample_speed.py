@@ -6,15 +6,15 @@ Variants, interleaved A B C, A B C, ... in one process, each call generating ``-
                     clipping, network in bf16 autocast + channels_last where the CPU has native bf16
     diffusers_fp32  DDIMPipeline(batch_size=B, num_inference_steps=20), as its documentation shows
     diffusers_bf16  the same pipeline with the UNet in channels_last and the call under bf16 autocast
-    difflab_layernorm  (optional, --variants) difflab with model.norm=layer: LayerNorm over each
-                    pixel's channels instead of GroupNorm
+    difflab_layernorm, difflab_group16  (optional, --variants) difflab with model.norm=layer
+                    (LayerNorm over each pixel's channels) or model.norm_group_channels=16
 
 Speed only: both networks have their (seeded) initial weights, since the cost of a step does not
 depend on them. Architecture as in bench/train_speed.py (32x32 RGB, 64/128/256, attention at 16x16).
 
     pip install -e '.[bench]'
     python bench/sample_speed.py [--batch 125] [--rounds 8]      # 8 x 125 = 1000 images per variant
-    python bench/sample_speed.py --variants difflab,difflab_layernorm
+    python bench/sample_speed.py --variants difflab,difflab_layernorm,difflab_group16
 
 Last line: ``sample_ratio_vs_diffusers_fp32=X sample_ratio_vs_diffusers_bf16=Y`` (images/s ratios).
 """
@@ -30,22 +30,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    CHANNELS, IMAGE_SIZE, LAYERNORM_OVERRIDES, difflab_config, diffusers_unet, interleave, own_peak_rss_mib,
+    CHANNELS, IMAGE_SIZE, NORM_VARIANTS, difflab_config, diffusers_unet, interleave, own_peak_rss_mib,
     peak_rss_mib_of,
 )
 
 VARIANTS = ("difflab", "diffusers_fp32", "diffusers_bf16")
-OPTIONAL = ("difflab_layernorm",)
+OPTIONAL = tuple(NORM_VARIANTS)
 STEPS = 20
 
 
-def make_difflab(batch: int, layernorm: bool = False) -> Callable[[], None]:
+def make_difflab(batch: int, name: str = "difflab") -> Callable[[], None]:
     from difflab.models.unet import UNet
     from difflab.runs import sampling_denoiser
     from difflab.samplers import SamplerConfig, sample
     from difflab.schedule import NoiseSchedule
 
-    cfg = difflab_config(batch, LAYERNORM_OVERRIDES if layernorm else [])
+    cfg = difflab_config(batch, NORM_VARIANTS.get(name, []))
     torch.manual_seed(0)
     model = UNet(cfg.model).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     den = sampling_denoiser(model, NoiseSchedule(cfg.schedule), cfg.loss.prediction, clip="clip", precision="auto")
@@ -78,7 +78,7 @@ def make_diffusers(batch: int, bf16: bool) -> Callable[[], None]:
 
 def build(name: str, batch: int) -> Callable[[], None]:
     if name.startswith("difflab"):
-        return make_difflab(batch, layernorm=name == "difflab_layernorm")
+        return make_difflab(batch, name)
     return make_diffusers(batch, bf16=name == "diffusers_bf16")
 
 
@@ -113,8 +113,9 @@ def main() -> None:
     for name in names:
         print(f"| {name} | {med[name]:.2f} | {rate[name]:.2f} | {mem.get(name, float('nan')):.0f} | "
               f"{rate['difflab'] / rate[name]:.2f}x |")
-    if "difflab_layernorm" in names:
-        print(f"layernorm_speedup={rate['difflab_layernorm'] / rate['difflab']:.2f} (LayerNorm images/s over GroupNorm)")
+    for name in NORM_VARIANTS:
+        if name in names:
+            print(f"{name.removeprefix('difflab_')}_speedup={rate[name] / rate['difflab']:.2f} ({name}'s images/s over difflab's)")
     print(" ".join(f"sample_ratio_vs_{k}={rate['difflab'] / rate[k]:.2f}" for k in names if k.startswith("diffusers")))
 
 

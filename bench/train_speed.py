@@ -35,13 +35,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     conv_peak_tflops, difflab_config, diffusers_unet, forward_flops, interleave, n_params, own_peak_rss_mib,
-    peak_rss_mib_of, IMAGE_SIZE, CHANNELS, LAYERNORM_OVERRIDES,
+    peak_rss_mib_of, IMAGE_SIZE, CHANNELS, NORM_VARIANTS,
 )
 
 VARIANTS = ("difflab", "diffusers_fp32", "diffusers_bf16")
-# Optional difflab variants and their config overrides: torch.compile (inductor), and every GroupNorm
-# replaced by a LayerNorm over each pixel's channels (model.norm=layer; not the matched architecture).
-DIFFLAB_EXTRAS = {"difflab_compile": ["train.compile=true"], "difflab_layernorm": LAYERNORM_OVERRIDES}
+# Optional difflab variants and their config overrides: torch.compile (inductor), other norm layers.
+DIFFLAB_EXTRAS = {"difflab_compile": ["train.compile=true"], **NORM_VARIANTS}
 OPTIONAL = tuple(DIFFLAB_EXTRAS)
 
 
@@ -156,8 +155,9 @@ def main() -> None:
               f"{mem.get(name, float('nan')):.0f} | {med[name] / med['difflab']:.2f}x |")
     if "difflab_compile" in names:
         print(f"compile_speedup={med['difflab'] / med['difflab_compile']:.2f} (difflab eager s/step over compiled)")
-    if "difflab_layernorm" in names:
-        print(f"layernorm_speedup={med['difflab'] / med['difflab_layernorm']:.2f} (GroupNorm s/step over LayerNorm)")
+    for name in NORM_VARIANTS:
+        if name in names:
+            print(f"{name.removeprefix('difflab_')}_speedup={med['difflab'] / med[name]:.2f} (difflab s/step over {name}'s)")
     print(" ".join(f"train_ratio_vs_{k}={med[k] / med['difflab']:.2f}" for k in names if k.startswith("diffusers")))
 
 
