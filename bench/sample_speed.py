@@ -116,6 +116,7 @@ def main() -> None:
     for name in NORM_VARIANTS:
         if name in names:
             print(f"{name.removeprefix('difflab_')}_speedup={rate[name] / rate['difflab']:.2f} ({name}'s images/s over difflab's)")
+            print(f"  {name}: " + " ".join(f"sample_ratio_vs_{k}={rate[name] / rate[k]:.2f}" for k in names if k.startswith("diffusers")))
     print(" ".join(f"sample_ratio_vs_{k}={rate['difflab'] / rate[k]:.2f}" for k in names if k.startswith("diffusers")))
 
 

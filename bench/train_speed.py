@@ -7,6 +7,10 @@ interleaved A B C, A B C, ... in one process; the table reports medians.
                     native bf16, channels_last, EMA update, batch augmentation from a uint8 tensor
     diffusers_fp32  diffusers' UNet2DModel in a plain loop, as its unconditional-training example runs it
     diffusers_bf16  the same with bf16 autocast and channels_last (its best on a CPU)
+    difflab_group16, difflab_layernorm, difflab_compile  (optional, --variants) difflab with GroupNorm of
+                    16 channels per group (the `default` preset's own norm), with per-pixel LayerNorm, or
+                    with train.compile=true; each gets a speed-up line, the norm variants also their
+                    own ratios to diffusers
 
 Architecture (issue 7): 32x32 RGB, channels 64/128/256, 2 blocks per level, attention at 16x16 and in
 the middle, GroupNorm(32), batch 64. Achieved TFLOP/s count forward + backward as 3x the forward's
@@ -158,6 +162,7 @@ def main() -> None:
     for name in NORM_VARIANTS:
         if name in names:
             print(f"{name.removeprefix('difflab_')}_speedup={med['difflab'] / med[name]:.2f} (difflab s/step over {name}'s)")
+            print(f"  {name}: " + " ".join(f"train_ratio_vs_{k}={med[k] / med[name]:.2f}" for k in names if k.startswith("diffusers")))
     print(" ".join(f"train_ratio_vs_{k}={med[k] / med['difflab']:.2f}" for k in names if k.startswith("diffusers")))
 
 

@@ -272,8 +272,9 @@ def test_group_channels_fix_the_group_size_not_the_group_count():
     shapes = {(m.num_groups, m.num_channels) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
     # small: 32 and 64 channels, decoder inputs of 96 and 128 (features + skip): 16 channels per group
     assert shapes == {(2, 32), (4, 64), (6, 96), (8, 128)}
-    fixed = {(m.num_groups, m.num_channels) for m in UNet(PRESETS["small"]).modules() if isinstance(m, torch.nn.GroupNorm)}
-    assert {g for g, _ in fixed} == {8}
+    fixed = unet_config("small", norm_group_channels=0)  # back to a fixed count: norm_groups=8 everywhere
+    assert {m.num_groups for m in UNet(fixed).modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    assert UNet(PRESETS["small"]).num_parameters() == UNet(fixed).num_parameters()
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

@@ -96,7 +96,8 @@ class UNetConfig:
         block: ``"resnet"`` or ``"convnext"`` (a :class:`BlockType`).
         norm: ``"group"`` (GroupNorm, DDPM's) or ``"layer"`` (LayerNorm over each pixel's channels), a
             :class:`NormType`; ConvNeXt blocks always use their own LayerNorm inside.
-        norm_groups: GroupNorm groups; must divide ``base_channels`` (and so every channel count).
+        norm_groups: GroupNorm groups; must divide ``base_channels`` (and so every channel count). Used
+            only when ``norm_group_channels`` is 0.
         norm_group_channels: when > 0, every GroupNorm has groups of this many channels (``C //
             norm_group_channels`` groups in a ``C``-channel layer) instead of ``norm_groups`` groups; must
             divide ``base_channels``. 16 or more keeps torch's channels_last GroupNorm kernel fast.
@@ -230,7 +231,8 @@ PRESETS: Mapping[str, UNetConfig] = MappingProxyType(
             head_channels=16,
             norm_groups=8,
         ),
-        # A fast CPU demo at 28-32 px: about 1.6 M parameters.
+        # A fast CPU demo at 28-32 px: about 1.6 M parameters. GroupNorm with 16 channels per group, not
+        # a fixed group count: 1.2x per training step on CPU at equal or better FID (BENCHMARKS.md).
         "small": UNetConfig(
             image_size=32,
             base_channels=32,
@@ -239,9 +241,11 @@ PRESETS: Mapping[str, UNetConfig] = MappingProxyType(
             attention_resolutions=(8,),
             head_channels=32,
             norm_groups=8,
+            norm_group_channels=16,
         ),
         # A sensible 32-64 px CPU model (about 14.7 M parameters); the layout of diffusers' UNet2DModel with
-        # block_out_channels=(64, 128, 256), layers_per_block=2 and attention at 16x16.
+        # block_out_channels=(64, 128, 256), layers_per_block=2 and attention at 16x16, except for
+        # GroupNorm's 16 channels per group (diffusers: 32 groups; norm_group_channels=0 restores them).
         "default": UNetConfig(
             image_size=32,
             base_channels=64,
@@ -250,6 +254,7 @@ PRESETS: Mapping[str, UNetConfig] = MappingProxyType(
             attention_resolutions=(16,),
             head_channels=64,
             norm_groups=32,
+            norm_group_channels=16,
         ),
         # Ho et al. 2020, CIFAR-10: 35.7 M parameters, single-head attention at 16x16.
         "ddpm-cifar10": UNetConfig(
