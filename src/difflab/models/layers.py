@@ -54,8 +54,9 @@ class NormType(Enum):
     #: GroupNorm (Wu & He 2018), as in DDPM: statistics over each group of channels and all pixels
     GROUP = "group"
     #: LayerNorm over the channels of each pixel (:class:`ChannelLayerNorm`; ConvNeXt, DiT, EDM2's pixel
-    #: norm): on channels_last tensors it runs torch's native layer_norm kernel over contiguous rows,
-    #: forward + backward about twice as fast as GroupNorm on CPU (BENCHMARKS.md, "Norm layers")
+    #: norm): torch's native layer_norm kernel over contiguous rows of channels_last tensors, as fast as
+    #: GroupNorm with 16 channels per group, but it trained worse (FID +13-17 at equal steps on anime
+    #: faces, BENCHMARKS.md "Norm layers")
     LAYER = "layer"
 
 
