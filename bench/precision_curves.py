@@ -9,6 +9,10 @@ Train the four runs (same recipe; `train.precision` and `--seed` differ), then p
     done; wait; done
     python bench/precision_curves.py runs/prec --out bench/results/precision-curves.png
 
+The long version: the same four runs with ``--max-steps 2000 train.lr_decay=cosine train.log_every=20``
+into ``runs/prec-long`` (all four at once, one thread each), then
+``python bench/precision_curves.py runs/prec-long --out bench/results/precision-curves-long.png``.
+
 The last line compares the precision gap (bf16 - fp32, same seed) with the seed gap (seed 1 - seed 0,
 same precision), both as the mean absolute difference of the logged loss over the second half of
 training: ``precision_gap=X seed_gap=Y``.
