@@ -56,7 +56,7 @@ def main() -> None:
         ax.plot(steps, loss, label=n, ls="-" if n.startswith("fp32") else "--", lw=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("training step (batch 32)")
-    ax.set_ylabel("training loss (eps MSE, mean of 10 steps)")
+    ax.set_ylabel("training loss (eps MSE, mean of each logged interval)")
     ax.set_title("bf16 autocast vs fp32: same recipe, two seeds")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
