@@ -49,6 +49,14 @@ def difflab_config(batch_size: int, extra: list[str] = ()):
     )
 
 
+def parse_variants(text: str, variants: tuple[str, ...], optional: tuple[str, ...]) -> list[str]:
+    """The ``--variants`` comma list of a speed bench, checked: known names, difflab among them."""
+    names = [v.strip() for v in text.split(",")]
+    if not set(names) <= set(variants + optional) or "difflab" not in names:
+        raise SystemExit(f"--variants: choose from {', '.join(variants + optional)}, including difflab")
+    return names
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -3,10 +3,10 @@
 All under bf16 autocast as difflab trains by default (on torch 2.13 both norms take the bf16
 activation with fp32 parameters and return bf16, accumulating in fp32; no casts around them):
 
-    GN                 nn.GroupNorm(32) on the channels_last activation (model.norm=group, the default):
-                       4 channels per group at 128 channels
-    GN, 16 ch/group    nn.GroupNorm(8) on the same activation (model.norm_group_channels=16): torch's
-                       channels_last kernel vectorises over the channels of a group
+    GN                 nn.GroupNorm(32) on the channels_last activation (DDPM's 32 groups,
+                       model.norm_group_channels=0): 4 channels per group at 128 channels
+    GN, 16 ch/group    nn.GroupNorm(8) on the same activation (model.norm_group_channels=16, the
+                       presets' default): torch's channels_last kernel vectorises over a group's channels
     GN, NCHW           the same GroupNorm on a contiguous (NCHW) copy of the activation, not counting
                        the copy: shows that torch's CPU kernel for channels_last is the slow part
     LN                 difflab's ChannelLayerNorm (model.norm=layer): LayerNorm over each pixel's
@@ -22,14 +22,15 @@ GN with 16 channels per group, of LN, of GN on NCHW).
 """
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from difflab.models.layers import ChannelLayerNorm  # noqa: E402
+from difflab.models.layers import ChannelLayerNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleave  # noqa: E402
 
 N, C, H, GROUPS = 64, 128, 32, 32
 
@@ -55,14 +56,7 @@ def main() -> None:
         "GN, NCHW": run(gn, x_cl.contiguous(), dy_cl.contiguous()),
         "LN": run(ln, x_cl, dy_cl),
     }
-    times = {k: [] for k in variants}
-    for f in variants.values():
-        f()
-    for _ in range(7):
-        for k, f in variants.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleave(variants, rounds=7, per_round=1)
     print(f"norm + SiLU forward + backward on a ({N}, {C}, {H}, {H}) bf16 activation, torch {torch.__version__}")
     print("| variant | ms (median of 7) |")
     print("|---|---:|")

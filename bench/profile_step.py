@@ -2,7 +2,7 @@
 
 The step is bench/train_speed.py's (the matched architecture: 32x32 RGB, 64/128/256 channels, 2 blocks
 per level, attention at 16x16 and in the middle, batch 64, bf16 autocast + channels_last), with
-GroupNorm(32) (the default), GroupNorm with 16 channels per group (``--norm group16``) or LayerNorm over
+GroupNorm(32) (the matched architecture's), GroupNorm with 16 channels per group (``--norm group16``) or LayerNorm over
 each pixel's channels (``--norm layer``).
 
     python bench/profile_step.py [--norm group|group16|layer] [--steps 3]

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CHANNELS, IMAGE_SIZE, NORM_VARIANTS, difflab_config, diffusers_unet, interleave, own_peak_rss_mib,
-    peak_rss_mib_of,
+    parse_variants, peak_rss_mib_of,
 )
 
 VARIANTS = ("difflab", "diffusers_fp32", "diffusers_bf16")
@@ -92,9 +92,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    names = [v.strip() for v in args.variants.split(",")]
-    if not set(names) <= set(VARIANTS + OPTIONAL) or "difflab" not in names:
-        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS + OPTIONAL)}, including difflab")
+    names = parse_variants(args.variants, VARIANTS, OPTIONAL)
     if args.memory_of:
         build(args.memory_of, args.batch)()
         print(f"{own_peak_rss_mib():.1f}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    conv_peak_tflops, difflab_config, diffusers_unet, forward_flops, interleave, n_params, own_peak_rss_mib,
+    conv_peak_tflops, difflab_config, diffusers_unet, forward_flops, interleave, n_params, own_peak_rss_mib, parse_variants,
     peak_rss_mib_of, IMAGE_SIZE, CHANNELS, NORM_VARIANTS,
 )
 
@@ -119,9 +119,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    names = [v.strip() for v in args.variants.split(",")]
-    if not set(names) <= set(VARIANTS + OPTIONAL) or "difflab" not in names:
-        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS + OPTIONAL)}, including difflab")
+    names = parse_variants(args.variants, VARIANTS, OPTIONAL)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory_of:

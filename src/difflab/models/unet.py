@@ -155,14 +155,11 @@ class UNetConfig:
                 f"UNetConfig.image_size={self.image_size} must be divisible by {factor} "
                 f"(2 ** (len(channel_mults) - 1) for channel_mults={self.channel_mults})"
             )
-        if self.norm is NormType.GROUP and self.norm_group_channels and self.base_channels % self.norm_group_channels:
+        # every channel count is a multiple of base_channels, so dividing it is enough
+        divisor = "norm_group_channels" if self.norm_group_channels else "norm_groups"
+        if self.norm is NormType.GROUP and self.base_channels % getattr(self, divisor):
             raise ConfigError(
-                f"UNetConfig.norm_group_channels={self.norm_group_channels} must divide "
-                f"base_channels={self.base_channels}"
-            )
-        if self.norm is NormType.GROUP and not self.norm_group_channels and self.base_channels % self.norm_groups:
-            raise ConfigError(
-                f"UNetConfig.norm_groups={self.norm_groups} must divide base_channels={self.base_channels}"
+                f"UNetConfig.{divisor}={getattr(self, divisor)} must divide base_channels={self.base_channels}"
             )
         sizes = self.resolutions
         for name in ("attention_resolutions", "linear_attention_resolutions"):
