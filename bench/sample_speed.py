@@ -48,7 +48,7 @@ def make_difflab(batch: int, name: str = "difflab") -> Callable[[], None]:
     cfg = difflab_config(batch, NORM_VARIANTS.get(name, []))
     torch.manual_seed(0)
     model = UNet(cfg.model).to(memory_format=torch.channels_last).eval().requires_grad_(False)
-    den = sampling_denoiser(model, NoiseSchedule(cfg.schedule), cfg.loss.prediction, clip="clip", precision="auto")
+    den = sampling_denoiser(model, NoiseSchedule(cfg.schedule), cfg.loss, clip="clip", precision="auto")
     scfg = SamplerConfig(sampler="ddim", steps=STEPS)
     calls = iter(range(10**9))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from difflab.schedule import NoiseSchedule, Prediction, broadcast_to, eps_from_x0, v_from_x0_eps
+from difflab.parametrization import Prediction, eps_from_x0, v_from_x0_eps
+from difflab.schedule import NoiseSchedule, broadcast_to
 
 
 class GaussianModel(torch.nn.Module):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageFile
 
 import difflab.data.augment as augment_mod
+from difflab.config import from_dict, to_dict
 from difflab.data import dataset as dataset_mod
 from difflab.data import fashion_mnist as fm
 from difflab.data import images as images_mod
@@ -743,15 +744,15 @@ def _batch(n: int = 16, c: int = 3, s: int = 8, seed: int = 0) -> torch.Tensor:
 
 def test_augment_config_validation_and_round_trip():
     cfg = AugmentConfig(hflip=True, rotate_degrees=10, brightness=0.1, contrast=0.2)
-    assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.to_dict() == {"hflip": True, "rotate_degrees": 10.0, "brightness": 0.1, "contrast": 0.2}
-    assert AugmentConfig.from_dict({}) == AugmentConfig()
+    assert from_dict(AugmentConfig, to_dict(cfg)) == cfg
+    assert to_dict(cfg) == {"hflip": True, "rotate_degrees": 10.0, "brightness": 0.1, "contrast": 0.2}
+    assert from_dict(AugmentConfig, {}) == AugmentConfig()
     for bad in ({"rotate_degrees": -1}, {"brightness": float("nan")}, {"contrast": 1.5},
                 {"hflip": "yes"}, {"brightness": "0.1"}):
         with pytest.raises(ConfigError):
             AugmentConfig(**bad)
     with pytest.raises(ConfigError, match="vflip"):
-        AugmentConfig.from_dict({"vflip": True})
+        from_dict(AugmentConfig, {"vflip": True})
 
 
 def test_augment_identity_returns_input():

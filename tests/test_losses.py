@@ -1,9 +1,12 @@
 import pytest
 import torch
 
+from difflab.config import from_dict, to_dict
+from difflab.denoiser import Denoiser
 from difflab.errors import ConfigError
-from difflab.losses import LossConfig, diffusion_loss, min_snr_weight, per_example_loss
-from difflab.schedule import NoiseSchedule, Prediction, eps_from_x0, v_from_x0_eps
+from difflab.losses import per_example_loss
+from difflab.parametrization import LossConfig, Prediction
+from difflab.schedule import NoiseSchedule
 
 
 def test_per_example_losses_match_their_definitions():
@@ -18,43 +21,69 @@ def test_per_example_losses_match_their_definitions():
         per_example_loss(a, b, "l3")
 
 
-def test_min_snr_weight_is_the_same_x0_weight_in_every_parametrisation():
-    """min(SNR, gamma) * ||x0 - x0_hat||^2 must be what each target's weighted loss equals."""
-    sched = NoiseSchedule.from_name("cosine", 1000)
-    t = torch.tensor([1, 50, 300, 700, 990])
-    abar = sched.alphas_cumprod[t].float().reshape(-1, 1)
-    snr = sched.snr[t].float()
-    g = torch.Generator().manual_seed(1)
-    x0, eps, x0_hat = (torch.randn(5, 16, generator=g) for _ in range(3))
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    eps_hat = eps_from_x0(x_t, x0_hat, abar)
-    want = snr.clamp(max=5.0) * ((x0 - x0_hat) ** 2).mean(1)
-    pairs = {
-        Prediction.X0: (x0_hat, x0),
-        Prediction.EPS: (eps_hat, eps),
-        Prediction.V: (v_from_x0_eps(x0_hat, eps_hat, abar), v_from_x0_eps(x0, eps, abar)),
-    }
-    for pred, (p, target) in pairs.items():
-        got = min_snr_weight(snr, pred, 5.0) * per_example_loss(p, target, "l2")
-        assert torch.allclose(got, want, rtol=1e-3), pred
+def _outputs(prediction: str, x0, eps, x_t, abar):
+    """What a network of each parametrisation outputs for the pair (x0, eps) at abar: written out
+    from the definitions (Ho et al. 2020; Salimans & Ho 2022), not with difflab's conversions."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0  # v
+
+
+class Fixed(torch.nn.Module):
+    """A 'network' that returns a given tensor whatever its input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, t):
+        return self.out
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_diffusion_loss_is_zero_for_the_perfect_prediction(prediction):
+def test_min_snr_loss_is_the_same_x0_loss_in_every_parametrisation(prediction):
+    """min(SNR, gamma) * ||x0 - x0_hat||^2 must be what Denoiser.loss gives for a network whose
+    output means x0_hat, whatever the network predicts."""
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    t = torch.tensor([1.0, 50, 300, 700, 990])
+    abar = sched.alphas_cumprod[t.long()].reshape(-1, 1)
+    snr = (abar / (1 - abar)).flatten()
+    g = torch.Generator().manual_seed(1)
+    x0, eps, x0_hat = (torch.randn(5, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    eps_hat = (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+    want = snr.clamp(max=5.0) * ((x0 - x0_hat) ** 2).mean(1)
+    out = _outputs(prediction, x0_hat, eps_hat, x_t, abar).float()
+    den = Denoiser(Fixed(out), sched, LossConfig(prediction=prediction, weighting="min-snr", min_snr_gamma=5.0))
+    got = den.loss(x0.float(), t, eps.float())
+    assert torch.allclose(got.double(), want, rtol=2e-3), prediction
+    plain = Denoiser(Fixed(out), sched, LossConfig(prediction=prediction)).loss(x0.float(), t, eps.float())
+    target = _outputs(prediction, x0, eps, x_t, abar)
+    assert torch.allclose(plain.double(), ((out.double() - target) ** 2).mean(1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_is_zero_for_the_perfect_prediction(prediction):
     sched = NoiseSchedule.from_name("linear", 1000)
     g = torch.Generator().manual_seed(2)
     x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t = torch.tensor([0, 10, 500, 999])
     abar = sched.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
-    target = {"eps": noise, "x0": x0, "v": v_from_x0_eps(x0, noise, abar)}[prediction]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    target = _outputs(prediction, x0, noise, x_t, abar)
     cfg = LossConfig(prediction=prediction, weighting="min-snr")
-    perfect = diffusion_loss(lambda x, tt: target, sched, x0, t, noise, cfg)
-    assert perfect.shape == (4,) and float(perfect.abs().max()) < 1e-8
-    wrong = diffusion_loss(lambda x, tt: torch.zeros_like(x), sched, x0, t, noise, cfg)
+    perfect = Denoiser(Fixed(target), sched, cfg).loss(x0, t, noise)
+    assert perfect.shape == (4,) and float(perfect.abs().max()) < 1e-10
+    wrong = Denoiser(Fixed(torch.zeros_like(x0)), sched, cfg).loss(x0, t, noise)
     assert bool((wrong > 0).all())
 
 
-def test_loss_config_validates():
+def test_loss_config_validates_and_round_trips():
     with pytest.raises(ConfigError, match="'none', 'min-snr'"):
         LossConfig(weighting="snr")
-    assert LossConfig(**LossConfig(loss="huber").to_dict()) == LossConfig(loss="huber")
+    with pytest.raises(ConfigError, match="prediction type"):
+        LossConfig(prediction="score")
+    cfg = LossConfig(loss="huber", prediction=Prediction.V)
+    assert from_dict(LossConfig, to_dict(cfg)) == cfg

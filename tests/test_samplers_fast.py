@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from difflab.config import from_dict
+from difflab.config import from_dict, to_dict
 from difflab.denoiser import Denoiser
 from difflab.errors import ConfigError
 from difflab.samplers import (
@@ -277,7 +277,7 @@ def test_config_choices_defaults_and_round_trip():
     assert SamplerConfig(sampler="dpmpp-2m").grid_kind is GridKind.LOG_SNR
     for cfg in [SamplerConfig(), SamplerConfig(sampler="heun", steps=18, grid="karras", churn=2.5),
                 SamplerConfig(sampler="dpmpp-2m", steps=10, trailing=True)]:
-        assert from_dict(SamplerConfig, cfg.to_dict()) == cfg
+        assert from_dict(SamplerConfig, to_dict(cfg)) == cfg
 
 
 def test_cli_sample_with_the_new_samplers(tmp_path, capsys):

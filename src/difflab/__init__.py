@@ -1,8 +1,9 @@
 """difflab: train, sample, evaluate and visualise image diffusion models."""
 from difflab.denoiser import Denoiser
 from difflab.models.unet import UNet, UNetConfig, unet_config
+from difflab.parametrization import LossConfig, Prediction
 from difflab.samplers import SamplerConfig, sample
-from difflab.schedule import NoiseSchedule, Prediction, ScheduleConfig
+from difflab.schedule import NoiseSchedule, ScheduleConfig
 
-__all__ = ["Denoiser", "NoiseSchedule", "Prediction", "SamplerConfig", "ScheduleConfig", "UNet", "UNetConfig", "sample", "unet_config"]
+__all__ = ["Denoiser", "LossConfig", "NoiseSchedule", "Prediction", "SamplerConfig", "ScheduleConfig", "UNet", "UNetConfig", "sample", "unet_config"]
 __version__ = "0.1.0"

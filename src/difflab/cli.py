@@ -155,6 +155,7 @@ def add_precision_argument(p: argparse.ArgumentParser) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from difflab.config import to_dict
     from difflab.runs import load_run
     from difflab.samplers import SamplerConfig, sample_batches
     from difflab.viz import save_grid, save_numbered
@@ -175,7 +176,7 @@ def run_sample(args: argparse.Namespace) -> int:
             first.append(imgs)
     seconds = time.monotonic() - t0
     meta = {"run": str(run.path), "step": run.step, "n": args.n, "start": args.start, "seed": args.seed, "weights": args.weights,
-            "clip": args.clip, "precision": args.precision, "compile": args.compile, "sampler": cfg.to_dict(), "grid_kind": cfg.grid_kind.value,
+            "clip": args.clip, "precision": args.precision, "compile": args.compile, "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value,
             "nfe_per_image": cfg.nfe(run.schedule.num_timesteps), "seconds": seconds}
     from difflab.io import atomic_write_json
     # a shard (--start > 0) keeps its own record beside the first one's

@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
-from difflab.losses import LossConfig
 from difflab.models.unet import PRESETS as MODEL_PRESETS
 from difflab.models.unet import UNetConfig, unet_config
+from difflab.parametrization import LossConfig
 from difflab.samplers import SamplerConfig
 from difflab.schedule import ScheduleConfig
 

@@ -1,10 +1,17 @@
-"""One contract for every network: (x_t, t, **cond) -> x0_hat (and eps_hat).
+"""One object around every network: samplers call ``denoise(x, t, **cond)``, the trainer calls
+``loss(x0, t, noise, **cond)``.
 
-A network may predict eps, x_0 or v; samplers never need to know which. ``Denoiser`` turns any of
-them into :class:`DenoiserOutput` (x0_hat, eps_hat) using the schedule's abar at t, where t may
-be fractional (ODE-solver grids place steps between training timesteps; abar is interpolated in
-log-sigma, see :meth:`NoiseSchedule.sigma_at`). Conditioning keyword arguments (class labels
-today, anything tomorrow) are passed through to the network unchanged.
+:class:`Denoiser` holds a network, the schedule it runs on and a
+:class:`~difflab.parametrization.Parametrization` (eps, x0, v, ...: what the network predicts). It
+owns nothing about the parametrisation itself; it composes: scale the input, run the network (in
+bf16 autocast and channels_last where asked), convert the output to ``x0_hat`` (and ``eps_hat``)
+for samplers, or compare it with the training target for the trainer.
+
+``t`` is a timestep of ``schedule``, possibly fractional (ODE-solver grids place steps between
+training timesteps; the noise level is interpolated in log-sigma, see
+:meth:`NoiseSchedule.sigma_at`). A respaced schedule's steps are mapped back to the network's
+training timesteps (:meth:`NoiseSchedule.training_time`), never passed through unmapped.
+Conditioning keyword arguments (class labels today, anything tomorrow) reach the network unchanged.
 
 Optional x0 clipping: ``clip`` clamps x0_hat to [-1, 1]; ``dynamic`` is the dynamic thresholding
 of Saharia et al. 2022 (Imagen, section 2.3): per image, s = the p-th percentile of |x0_hat|,
@@ -21,7 +28,9 @@ import torch
 from torch import Tensor
 
 from difflab.errors import ConfigError, parse_choice
-from difflab.schedule import NoiseSchedule, Prediction, broadcast_to, eps_from_v, eps_from_x0, x0_from_eps, x0_from_v
+from difflab.losses import Weighting, per_example_loss
+from difflab.parametrization import LossConfig, NoiseLevel, Prediction, eps_from_x0, make_parametrization
+from difflab.schedule import F64, NoiseSchedule, broadcast_to
 
 
 class Clip(str, Enum):
@@ -44,13 +53,14 @@ def dynamic_threshold(x0: Tensor, percentile: float) -> Tensor:
 
 
 class Denoiser:
-    """Wrap ``model(x, t, **cond)`` predicting ``prediction`` into the x0/eps contract."""
+    """``model(x, t, **cond)`` under the parametrisation of ``objective`` (a :class:`LossConfig`, or
+    just a :class:`Prediction` for sampling with the default objective)."""
 
     def __init__(
         self,
         model: Callable[..., Tensor],
         schedule: NoiseSchedule,
-        prediction: Prediction | str = Prediction.EPS,
+        objective: LossConfig | Prediction | str = Prediction.EPS,
         clip: Clip | str = Clip.NONE,
         dynamic_percentile: float = 0.995,
         autocast: torch.dtype | None = None,
@@ -58,36 +68,65 @@ class Denoiser:
     ) -> None:
         self.model = model
         self.schedule = schedule
+        self.objective = objective if isinstance(objective, LossConfig) else LossConfig(prediction=objective)
+        self.param = make_parametrization(schedule, self.objective)
         # the network call alone runs under autocast (bf16 where it pays); its output and all the
-        # sampler arithmetic stay fp32 and above
+        # sampler and loss arithmetic stay fp32 and above
         self.autocast = autocast
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.prediction = parse_choice(Prediction, prediction, "prediction type")
         self.clip = parse_choice(Clip, clip, "x0 clipping mode")
         if not 0.5 <= dynamic_percentile <= 1.0:
             raise ConfigError(f"dynamic_percentile must be in [0.5, 1], got {dynamic_percentile}")
         self.dynamic_percentile = dynamic_percentile
 
-    def predict(self, x: Tensor, t: Tensor | float, **cond: Any) -> DenoiserOutput:
-        t_b = torch.as_tensor(t, dtype=torch.float64)
+    @property
+    def prediction(self) -> Prediction:
+        return self.objective.prediction
+
+    def _level(self, t: Tensor | float, batch: int) -> NoiseLevel:
+        t_b = torch.as_tensor(t, dtype=F64).cpu()
         if t_b.ndim == 0:
-            t_b = t_b.expand(x.shape[0])
-        abar = broadcast_to(self.schedule.alpha_bar_at(t_b), x).float()
+            t_b = t_b.expand(batch)
+        return self.param.level(self.schedule.training_time(t_b))
+
+    def _network(self, x_t: Tensor, lv: NoiseLevel, **cond: Any) -> Tensor:
+        x_in, t_in = self.param.network_input(x_t, lv)
+        with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out = self.model(x_in.contiguous(memory_format=self.memory_format), t_in.float().to(x_t.device), **cond)
+        return out.float()
+
+    # -- sampling -------------------------------------------------------------------------
+    def predict(self, x: Tensor, t: Tensor | float, **cond: Any) -> DenoiserOutput:
+        """(x0_hat, eps_hat) at the VP state ``x`` and schedule timestep ``t`` (scalar or (B,))."""
+        lv = self._level(t, x.shape[0])
         x = x.float()
-        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            out = self.model(x.contiguous(memory_format=self.memory_format), t_b.float().to(x.device), **cond)
-        out = out.float().contiguous()
-        if self.prediction is Prediction.EPS:
-            eps, x0 = out, x0_from_eps(x, out, abar)
-        elif self.prediction is Prediction.X0:
-            x0, eps = out, eps_from_x0(x, out, abar)
-        else:
-            x0, eps = x0_from_v(x, out, abar), eps_from_v(x, out, abar)
+        x0, eps = self.param.to_x0_eps(x, self._network(x, lv, **cond).contiguous(), lv)
         if self.clip is not Clip.NONE:
             x0 = x0.clamp(-1, 1) if self.clip is Clip.CLIP else dynamic_threshold(x0, self.dynamic_percentile)
-            eps = eps_from_x0(x, x0, abar)
+            eps = eps_from_x0(x, x0, lv.at(lv.abar, x))
         return DenoiserOutput(x0=x0, eps=eps)
 
-    def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        """denoise(x, t, **cond) -> x0_hat."""
+    def denoise(self, x: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        """x0_hat: what every sampler asks for."""
         return self.predict(x, t, **cond).x0
+
+    __call__ = denoise
+
+    # -- training -------------------------------------------------------------------------
+    def sample_t(self, n: int, generator: torch.Generator) -> Tensor:
+        """Training timesteps for ``n`` examples, drawn as the parametrisation prescribes (float64, CPU)."""
+        return self.param.sample_t(n, generator)
+
+    def loss(self, x0: Tensor, t: Tensor, noise: Tensor, **cond: Any) -> Tensor:
+        """Per-example weighted loss (B,) at schedule timesteps ``t`` with the given ``noise``: the
+        network's output against the parametrisation's target, weighted as ``objective`` says."""
+        lv = self._level(t, x0.shape[0])
+        x_t = lv.at(lv.abar.sqrt(), x0) * x0 + lv.at((1 - lv.abar).sqrt(), x0) * noise
+        out = self._network(x_t, lv, **cond)
+        target = self.param.target(x0, noise, x_t, lv)
+        obj = self.objective
+        loss = per_example_loss(out, target.float(), obj.loss, obj.huber_delta)
+        if obj.weighting is Weighting.MIN_SNR:
+            weight = lv.snr.clamp(max=obj.min_snr_gamma) * self.param.x0_gain(lv) ** 2
+            loss = loss * weight.to(device=loss.device, dtype=loss.dtype)
+        return loss

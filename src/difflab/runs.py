@@ -11,12 +11,13 @@ from difflab.config import Precision, RunConfig
 from difflab.denoiser import Clip, Denoiser
 from difflab.errors import CheckpointError, parse_choice
 from difflab.models.unet import UNet
+from difflab.parametrization import LossConfig, Prediction
 from difflab.precision import autocast_dtype, require_compiler
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import CONFIG, latest_checkpoint, require_run
 
 
-def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, prediction: str, *, clip: Clip | str = Clip.CLIP,
+def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, objective: LossConfig | Prediction | str, *, clip: Clip | str = Clip.CLIP,
                       precision: Precision | str = Precision.AUTO, compile: bool = False) -> Denoiser:
     """Any trained network as a denoiser on the sampling fast path (see :meth:`LoadedRun.denoiser`):
     bf16 autocast where the hardware does bf16 natively (``precision`` auto), channels_last, and
@@ -26,7 +27,7 @@ def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, predictio
     if compile:
         require_compiler(device, "--compile")
         model = torch.compile(model)
-    return Denoiser(model, schedule, prediction, clip=clip, autocast=autocast_dtype(precision, device), channels_last=True)
+    return Denoiser(model, schedule, objective, clip=clip, autocast=autocast_dtype(precision, device), channels_last=True)
 
 
 @dataclass
@@ -44,7 +45,7 @@ class LoadedRun:
         ``precision`` auto runs the network in bf16 autocast where the hardware does bf16 natively
         (2.5x the images/s of fp32 for the 'small' preset on this project's CPU); fp32 forces fp32.
         ``compile`` wraps the network in ``torch.compile`` (the first batches pay the compilation)."""
-        return sampling_denoiser(self.model, self.schedule, self.config.loss.prediction, clip=clip, precision=precision,
+        return sampling_denoiser(self.model, self.schedule, self.config.loss, clip=clip, precision=precision,
                                  compile=compile)
 
     @property

@@ -17,9 +17,9 @@ sampling run in float32 or bf16 while the schedule itself never accumulates roun
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
+from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,14 +42,6 @@ class VarianceType(str, Enum):
 
     FIXED_SMALL = "fixed-small"  # posterior variance beta~_t (optimal for deterministic x_0)
     FIXED_LARGE = "fixed-large"  # beta_t (optimal for x_0 ~ N(0, I))
-
-
-class Prediction(str, Enum):
-    """What the network predicts."""
-
-    EPS = "eps"
-    X0 = "x0"
-    V = "v"  # Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x_0
 
 
 @dataclass(frozen=True)
@@ -91,14 +83,6 @@ class ScheduleConfig:
         if not 0 < self.max_beta < 1:
             raise ConfigError(f"max_beta must be in (0, 1), got {self.max_beta}")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["kind"] = self.kind.value
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ScheduleConfig":
-        return cls(**d)
 
 
 _BETA_RANGE_KINDS = (BetaSchedule.LINEAR, BetaSchedule.QUADRATIC, BetaSchedule.SIGMOID)
@@ -149,26 +133,39 @@ def broadcast_to(v: Tensor, like: Tensor) -> Tensor:
     return v.to(device=like.device, dtype=like.dtype)
 
 
-# Conversions between the three parametrisations, for any abar (a tensor broadcastable to x).
-# They are exact algebra: eps <-> x0 <-> v round-trip to float precision.
-def x0_from_eps(x_t: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
-    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+Num = Union[float, Tensor]  # the posterior formula serves Python floats and float64 tables alike
 
 
-def eps_from_x0(x_t: Tensor, x0: Tensor, abar: Tensor) -> Tensor:
-    return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+class Posterior(NamedTuple):
+    """q(x_s | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, variance) for two noise levels abar_s > abar_t."""
+
+    coef_x0: Num
+    coef_xt: Num
+    variance: Num  # beta~: the posterior variance (DDPM's fixed-small reverse variance)
+    beta: Num  # 1 - abar_t / abar_s: the step's beta (DDPM's fixed-large reverse variance)
+
+    def reverse_variance(self, kind: VarianceType) -> Num:
+        """The reverse-process variance of Ho et al. 2020, sec. 3.2, for this step."""
+        return self.variance if kind is VarianceType.FIXED_SMALL else self.beta
 
 
-def v_from_x0_eps(x0: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
-    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+def posterior(abar_t: Num, abar_s: Num) -> Posterior:
+    """The forward process's posterior for the step from abar_t down to abar_s (floats or tensors).
 
-
-def x0_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
-    return abar.sqrt() * x_t - (1 - abar).sqrt() * v
-
-
-def eps_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
-    return (1 - abar).sqrt() * x_t + abar.sqrt() * v
+    Ho et al. 2020, eqs. 6-7, written for any pair of noise levels, so that one formula serves the
+    schedule's own tables (abar_s = abar_{t-1}), a respaced grid (abar_s = the next kept level) and a
+    fractional one: with beta = 1 - abar_t / abar_s,
+        coef_x0 = sqrt(abar_s) beta / (1 - abar_t),  coef_xt = sqrt(1 - beta) (1 - abar_s) / (1 - abar_t),
+        variance = beta (1 - abar_s) / (1 - abar_t).
+    At abar_s = 1 (the step to data) the mean is x_0 and the variance 0.
+    """
+    beta = 1 - abar_t / abar_s
+    return Posterior(
+        coef_x0=abar_s**0.5 * beta / (1 - abar_t),
+        coef_xt=(1 - beta) ** 0.5 * (1 - abar_s) / (1 - abar_t),
+        variance=beta * (1 - abar_s) / (1 - abar_t),
+        beta=beta,
+    )
 
 
 class NoiseSchedule:
@@ -177,11 +174,13 @@ class NoiseSchedule:
     Build it from a config (``NoiseSchedule(ScheduleConfig(...))`` or
     ``NoiseSchedule.from_name("cosine", 1000)``) or from explicit betas
     (``NoiseSchedule.from_betas``). ``timestep_map[i]`` is the original training timestep of step
-    i: the identity for a fresh schedule, the kept timesteps for a respaced one.
+    i: the identity for a fresh schedule, the kept timesteps for a respaced one, whose ``base`` is the
+    schedule the network was trained on (:meth:`training_time` maps its steps back there).
     """
 
     def __init__(self, config: ScheduleConfig | None = None) -> None:
         self.config = config or ScheduleConfig()
+        self.base: NoiseSchedule = self
         self._build(make_betas(self.config), torch.arange(self.config.timesteps, dtype=F64))
 
     @classmethod
@@ -192,6 +191,7 @@ class NoiseSchedule:
     def from_betas(cls, betas: Tensor, timestep_map: Tensor | None = None, config: ScheduleConfig | None = None) -> "NoiseSchedule":
         self = cls.__new__(cls)
         self.config = config or ScheduleConfig(timesteps=len(betas))
+        self.base = self
         betas = torch.as_tensor(betas, dtype=F64)
         self._build(betas, torch.arange(len(betas), dtype=F64) if timestep_map is None else torch.as_tensor(timestep_map, dtype=F64))
         return self
@@ -210,13 +210,11 @@ class NoiseSchedule:
         self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
         self.sigmas = (1 / self.snr).sqrt()  # VE noise level: x_t / sqrt(abar) = x_0 + sigma eps
         self.log_sigmas = self.sigmas.log()
-        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t): Ho et al. eqs. 6-7.
-        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        # beta~_0 = 0; log-clipping repeats beta~_1 there (improved-diffusion's convention).
-        first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
-        self.posterior_log_variance_clipped = torch.cat([first.reshape(1), self.posterior_variance[1:]]).log()
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+        # Posterior q(x_{t-1} | x_t, x_0) at every t (Ho et al. eqs. 6-7); at t = 0 the "previous"
+        # level is the data (abar = 1): mean x_0, variance 0.
+        post = posterior(self.alphas_cumprod, self.alphas_cumprod_prev)
+        self.posterior_mean_coef1, self.posterior_mean_coef2 = post.coef_x0, post.coef_xt
+        self.posterior_variance = post.variance
 
     def __len__(self) -> int:
         return self.num_timesteps
@@ -229,40 +227,34 @@ class NoiseSchedule:
         """Draw x_t ~ q(x_t | x_0) with the given noise; ``t`` is an integer tensor of shape (B,)."""
         return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
-    def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0, _gather(1 - self.alphas_cumprod, t, x0)
-
-    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _gather(self.posterior_variance, t, x_t), _gather(self.posterior_log_variance_clipped, t, x_t)
-
-    def reverse_variance(self, kind: VarianceType | str) -> tuple[Tensor, Tensor]:
-        """The fixed reverse-process variance and its log for every t (float64, length T).
-
-        fixed-small is beta~_t (log clipped at t = 0); fixed-large is beta_t with its first entry
-        replaced by beta~_1, so that the log-likelihood term at t = 0 is finite (Ho et al.;
-        improved-diffusion ``gaussian_diffusion.py``).
-        """
-        kind = parse_choice(VarianceType, kind, "variance type")
-        if kind is VarianceType.FIXED_SMALL:
-            return self.posterior_variance, self.posterior_log_variance_clipped
-        large = torch.cat([self.posterior_variance[1:2], self.betas[1:]]) if self.num_timesteps > 1 else self.betas
-        return large, large.log()
-
     # -- continuous-time lookups (fractional t, for ODE-solver grids) ---------------------
     def sigma_at(self, t: Tensor | float) -> Tensor:
         """sigma at a possibly fractional timestep, interpolating log-sigma linearly between
-        integer steps (k-diffusion's ``DiscreteSchedule.t_to_sigma``); exact at integers."""
+        integer steps (k-diffusion's ``DiscreteSchedule.t_to_sigma``); the table's own value at integers."""
         t = torch.as_tensor(t, dtype=F64).clamp(0, self.num_timesteps - 1)
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=self.num_timesteps - 1)
         w = t - lo
-        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        between = ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        return torch.where(w == 0, self.sigmas[lo], between)
 
     def alpha_bar_at(self, t: Tensor | float) -> Tensor:
-        """abar at a possibly fractional timestep (float64), consistent with :meth:`sigma_at`."""
-        return 1 / (1 + self.sigma_at(t) ** 2)
+        """abar at a possibly fractional timestep (float64), consistent with :meth:`sigma_at`; the
+        table's own value at integers."""
+        t = torch.as_tensor(t, dtype=F64).clamp(0, self.num_timesteps - 1)
+        lo = t.floor().long()
+        return torch.where(t == lo, self.alphas_cumprod[lo], 1 / (1 + self.sigma_at(t) ** 2))
+
+    def training_time(self, t: Tensor | float) -> Tensor:
+        """The timestep of :attr:`base` (the network's training schedule) that step ``t`` of this
+        schedule stands for, as float64: ``t`` itself for a fresh schedule; ``timestep_map[t]`` at the
+        integer steps of a respaced one, and between them the training time with the same noise level."""
+        t = torch.as_tensor(t, dtype=F64)
+        if self.base is self:
+            return t
+        idx = t.round().clamp(0, self.num_timesteps - 1).long()
+        between = self.base.t_at_sigma(self.sigma_at(t))
+        return torch.where(t == idx, self.timestep_map[idx], between)
 
     def t_at_sigma(self, sigma: Tensor | float) -> Tensor:
         """Inverse of :meth:`sigma_at`: the fractional timestep whose sigma is ``sigma`` (clamped)."""
@@ -296,4 +288,6 @@ class NoiseSchedule:
             raise ConfigError(f"respacing needs timesteps in [0, {self.num_timesteps - 1}]")
         abar = self.alphas_cumprod[kept]
         prev = torch.cat([torch.ones(1, dtype=F64), abar[:-1]])
-        return NoiseSchedule.from_betas(1 - abar / prev, self.timestep_map[kept], self.config)
+        respaced = NoiseSchedule.from_betas(1 - abar / prev, self.timestep_map[kept], self.config)
+        respaced.base = self.base
+        return respaced

@@ -18,8 +18,7 @@ Brightness and contrast clamp the result to [-1, 1]; flips and rotations cannot 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,20 +56,6 @@ class AugmentConfig:
     @property
     def is_identity(self) -> bool:
         return not self.hflip and self.rotate_degrees == 0 and self.brightness == 0 and self.contrast == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"augment config must be a table of options, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown augment option(s) {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(sorted(known))}")
-        return cls(**data)
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,8 @@ def _check_int_tuple(name: str, value: Any, minimum: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyper-parameters of :class:`UNet`. Checked when built; ``to_dict``/``from_dict`` round-trip via JSON.
+    """Hyper-parameters of :class:`UNet`. Checked when built; :func:`difflab.config.to_dict` / ``from_dict``
+    round-trip it via JSON (fields missing from an old run's file take their defaults).
 
     Attributes:
         image_size: training image size in pixels (square). Must be divisible by
@@ -190,26 +191,6 @@ class UNetConfig:
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map size of each level, from ``image_size`` down."""
         return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples as lists, enums as their values)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Enum):
-                value = value.value
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UNetConfig:
-        """Inverse of :meth:`to_dict`; missing fields take their defaults, unknown ones are an error."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a UNet config must be a mapping of field names to values, got {type(data).__name__}")
-        _check_field_names(data.keys())
-        return cls(**data)
 
 
 def _check_field_names(names: Any) -> None:

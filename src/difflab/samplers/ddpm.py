@@ -12,7 +12,7 @@ from difflab.errors import parse_choice
 from difflab.samplers.base import Callback, Step
 from difflab.samplers.grid import Grid
 from difflab.samplers.noise import Generators, randn_like
-from difflab.schedule import VarianceType
+from difflab.schedule import VarianceType, posterior
 
 
 @torch.no_grad()
@@ -29,20 +29,18 @@ def sample_ddpm(
     """x_{s} ~ N(mu~(x_t, x0_hat), var) for each grid step t -> s, ending at data.
 
     With a grid of respaced timesteps, beta_t = 1 - abar_t / abar_s is the respaced process's beta
-    and mu~ its posterior mean (Ho et al. eq. 7). ``variance`` is fixed-small (beta~_t, the
+    and mu~ its posterior mean (Ho et al. eq. 7), both from :func:`difflab.schedule.posterior`. ``variance`` is fixed-small (beta~_t, the
     posterior variance) or fixed-large (beta_t). The last step returns the posterior mean, x0_hat.
     """
-    small = parse_choice(VarianceType, variance, "variance type") is VarianceType.FIXED_SMALL
+    kind = parse_choice(VarianceType, variance, "variance type")
     abar = grid.alpha_bar.tolist()
     for i in range(len(grid)):
         t = float(grid.t[i])
-        a_t, a_s = abar[i], abar[i + 1]
-        beta = 1 - a_t / a_s
+        post = posterior(abar[i], abar[i + 1])
         x0 = denoiser(x, t, **cond)
-        mean = (math.sqrt(a_s) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t)) * x
+        mean = post.coef_x0 * x0 + post.coef_xt * x
         if i < len(grid) - 1:
-            var = beta * (1 - a_s) / (1 - a_t) if small else beta
-            x_next = mean + math.sqrt(var) * randn_like(x, generator)
+            x_next = mean + math.sqrt(post.reverse_variance(kind)) * randn_like(x, generator)
         else:
             x_next = mean
         if callback is not None:

@@ -11,8 +11,8 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.samplers.base import Callback
 from difflab.samplers.grid import Grid
+from difflab.samplers.karras import karras_sampler
 from difflab.samplers.noise import Generators
-from difflab.samplers.heun import karras_sampler
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.samplers.base import Callback
 from difflab.samplers.grid import Grid
+from difflab.samplers.karras import karras_sampler
 from difflab.samplers.noise import Generators
-from difflab.samplers.ve import VEModel, check_churn, churn_gamma, lift_noise, report, to_y
 
 
 @torch.no_grad()
@@ -42,28 +42,3 @@ def sample_heun(
     return karras_sampler(denoiser, x, grid, second_order=True, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax,
                           s_noise=s_noise, generator=generator, callback=callback, **cond)
 
-
-def karras_sampler(
-    denoiser: Denoiser, x: Tensor, grid: Grid, *, second_order: bool, churn: float, s_tmin: float, s_tmax: float,
-    s_noise: float, generator: Generators, callback: Callback, **cond: Any,
-) -> Tensor:
-    """Karras et al.'s Algorithm 2 loop: churn, Euler step, and (``second_order``) Heun's correction.
-    Shared by :func:`sample_heun` and :func:`difflab.samplers.euler.sample_euler`."""
-    check_churn(churn, s_tmin, s_tmax, s_noise)
-    model, n = VEModel(denoiser, cond), len(grid)
-    sigmas, ts = grid.sigma.tolist(), grid.t.tolist()
-    y = to_y(x, sigmas[0])
-    for i in range(n):
-        sigma, t, sigma_next = sigmas[i], ts[i], sigmas[i + 1]
-        gamma = churn_gamma(churn, n, sigma, s_tmin, s_tmax)
-        y, sigma_hat = lift_noise(y, sigma, gamma, denoiser.schedule.sigma_max, s_noise, generator)
-        t_hat = t if sigma_hat == sigma else model.t_at(sigma_hat)
-        d0 = model(y, sigma_hat, t_hat)
-        y_next = d0 + (sigma_next / sigma_hat) * (y - d0)  # Euler: y + (sigma_next - sigma_hat) d
-        if second_order and sigma_next > 0:
-            d1 = model(y_next, sigma_next, ts[i + 1])
-            dy = (y - d0) / sigma_hat
-            y_next = y + (sigma_next - sigma_hat) * 0.5 * (dy + (y_next - d1) / sigma_next)
-        report(callback, i, t_hat, sigma_hat, y, d0, y_next, sigma_next)
-        y = y_next
-    return y

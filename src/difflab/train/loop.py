@@ -35,7 +35,6 @@ from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
-from difflab.losses import diffusion_loss
 from difflab.models.unet import UNet
 from difflab.precision import autocast_dtype, require_compiler
 from difflab.samplers import SamplerConfig, sample
@@ -149,6 +148,9 @@ class Trainer:
         if tc.compile:
             require_compiler(self.device, "train.compile=true")
         self.forward_net = torch.compile(self.ddp or self.model) if tc.compile else (self.ddp or self.model)
+        # the training objective around it: noise levels, target, weighting (see difflab.parametrization)
+        self.objective = Denoiser(self.forward_net, self.schedule, cfg.loss, autocast=self.autocast,
+                                  channels_last=tc.channels_last)
         # timesteps, noise and augmentation differ per rank; the data permutation is shared
         self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         self.global_rng = torch.Generator().manual_seed(tc.seed + 7919 * (self.dist.rank + 1)).get_state()
@@ -204,19 +206,18 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------
     def _train_step(self, sums: torch.Tensor) -> torch.Tensor:
         tc, T = self.cfg.train, self.schedule.num_timesteps
-        net = self.forward_net
         for lr_group in self.optimizer.param_groups:
             lr_group["lr"] = lr_at(self.step, tc)
         for micro in range(tc.grad_accum):
             x0 = self._batch()
-            t = torch.randint(0, T, (len(x0),), generator=self.gen).to(self.device)
+            t = self.objective.sample_t(len(x0), self.gen)
             noise = torch.randn(x0.shape, generator=self.gen).to(self.device).contiguous(memory_format=self.memory_format)
             sync = contextlib.nullcontext() if self.ddp is None or micro == tc.grad_accum - 1 else self.ddp.no_sync()
-            with sync, torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-                per_example = diffusion_loss(net, self.schedule, x0, t, noise, self.cfg.loss)
+            with sync:
+                per_example = self.objective.loss(x0, t, noise)
             (per_example.mean() / tc.grad_accum).backward()
             with torch.no_grad():  # loss sums per timestep quartile, read only at log time (no sync per step)
-                q = (t * 4 // T).clamp(max=3)
+                q = (t * 4 / T).floor().long().clamp(0, 3).to(self.device)
                 sums[0].index_add_(0, q, per_example.detach().float())
                 sums[1].index_add_(0, q, torch.ones_like(per_example, dtype=torch.float32))
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -300,7 +301,7 @@ class Trainer:
     # -- outputs -------------------------------------------------------------------------
     def denoiser(self, use_ema: bool = True) -> Denoiser:
         """The network as a denoiser for previews, in the training precision and memory layout."""
-        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss.prediction, clip="clip",
+        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss, clip="clip",
                         autocast=self.autocast, channels_last=self.cfg.train.channels_last)
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from difflab.config import to_dict
 from difflab.errors import ConfigError, DifflabError, parse_choice
 from difflab.samplers import SamplerConfig, SamplerKind, make_grid, sample_batches
 from difflab.samplers.noise import randn
@@ -133,7 +134,7 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
         counter.close()
         bar.close()
     return {"sampler": spec.name, "kind": spec.config.sampler.value, "steps": spec.steps, "eta": spec.config.eta,
-            "config": spec.config.to_dict(), "n": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-12),
+            "config": to_dict(spec.config), "n": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-12),
             "nfe": counter.calls / max(batches, 1), "folder": str(out_dir),
             "fid": None, "kid_mean": None, "kid_std": None, "detect_rate": None, "_first": first}
 

@@ -1,0 +1,197 @@
+"""What the network predicts, and everything that follows from it: one class per parametrisation.
+
+A :class:`Parametrization` is the single place that knows how a network's raw output relates to the
+data. For a noise level (a training timestep ``t``, possibly fractional) it owns:
+
+- the network's input: :meth:`~Parametrization.network_input` (the scaled state and the time input);
+- the conversion of the output to ``(x0_hat, eps_hat)``: :meth:`~Parametrization.to_x0_eps`;
+- the training target for the output: :meth:`~Parametrization.target`;
+- the gain ``|d x0_hat / d output|`` (:meth:`~Parametrization.x0_gain`), which turns a loss weight
+  stated for x_0 (min-SNR) into the weight for this output, and the output-space loss of the
+  member into a loss on x0_hat;
+- how training draws noise levels: :meth:`~Parametrization.sample_t`.
+
+:class:`difflab.denoiser.Denoiser` wraps a network with one of these and gives samplers
+``denoise(x, t)`` and the trainer ``loss(x0, t, noise)``; neither knows which member it holds.
+
+| member (``loss.prediction``) | the network predicts                 | network input             | gain |d x0 / d out| |
+| ---------------------------- | ------------------------------------ | ------------------------- | ------------------ |
+| ``eps``                      | the noise eps (Ho et al. 2020)       | x_t, t                    | sigma              |
+| ``x0``                       | the clean image x_0                  | x_t, t                    | 1                  |
+| ``v`` (Salimans & Ho 2022)   | sqrt(abar) eps - sqrt(1 - abar) x_0  | x_t, t                    | sqrt(1 - abar)     |
+
+Adding a member = one subclass here and one row in :data:`PARAMETRIZATIONS` (and its
+:class:`Prediction` value). :class:`LossConfig`, the training objective (prediction, loss, weighting),
+lives here too, because the objective is a property of the parametrisation.
+
+VP notation: x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps, sigma = sqrt((1 - abar) / abar).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from difflab.errors import ConfigError, parse_choice
+from difflab.losses import LossType, Weighting
+from difflab.schedule import F64, NoiseSchedule, broadcast_to
+
+
+class Prediction(str, Enum):
+    """What the network predicts (the :data:`PARAMETRIZATIONS` row it selects)."""
+
+    EPS = "eps"
+    X0 = "x0"
+    V = "v"
+
+
+# -- the algebra between the parametrisations, for any abar broadcastable to x (exact, round-trips) --
+def x0_from_eps(x_t: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, abar: Tensor) -> Tensor:
+    return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def v_from_x0_eps(x0: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+
+def x0_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
+    return abar.sqrt() * x_t - (1 - abar).sqrt() * v
+
+
+def eps_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
+    return (1 - abar).sqrt() * x_t + abar.sqrt() * v
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training objective: what the network predicts, the loss on its output, and the weighting.
+
+    ``weighting`` none is the plain loss on the network's output; ``min-snr`` weights the loss on x_0
+    by min(SNR, gamma) (Hang et al. 2023), expressed for the output through its x0 gain.
+    """
+
+    prediction: Prediction = Prediction.EPS
+    loss: LossType = LossType.L2
+    weighting: Weighting = Weighting.NONE
+    min_snr_gamma: float = 5.0
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", parse_choice(Prediction, self.prediction, "prediction type"))
+        object.__setattr__(self, "loss", parse_choice(LossType, self.loss, "loss"))
+        object.__setattr__(self, "weighting", parse_choice(Weighting, self.weighting, "loss weighting"))
+        if self.min_snr_gamma <= 0 or self.huber_delta <= 0:
+            raise ConfigError("min_snr_gamma and huber_delta must be positive")
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """Per-example noise level: training time ``t`` and ``abar`` there, float64 of shape (B,), on the CPU."""
+
+    t: Tensor
+    abar: Tensor
+
+    @property
+    def sigma(self) -> Tensor:
+        return ((1 - self.abar) / self.abar).sqrt()
+
+    @property
+    def snr(self) -> Tensor:
+        return self.abar / (1 - self.abar)
+
+    @staticmethod
+    def at(v: Tensor, like: Tensor) -> Tensor:
+        """A per-example float64 quantity, shaped and cast to broadcast against ``like``."""
+        return broadcast_to(v, like)
+
+
+class Parametrization:
+    """Base class: the network's input is (x_t, t). Subclasses define the output's meaning."""
+
+    prediction: ClassVar[Prediction]
+
+    def __init__(self, schedule: NoiseSchedule, objective: LossConfig) -> None:
+        self.schedule = schedule.base  # the training schedule: the one the network's times refer to
+        self.objective = objective
+
+    def level(self, t: Tensor) -> NoiseLevel:
+        """The noise level at training times ``t`` (float64 (B,), possibly fractional)."""
+        t = torch.as_tensor(t, dtype=F64).cpu()
+        return NoiseLevel(t=t, abar=self.schedule.alpha_bar_at(t))
+
+    def sample_t(self, n: int, generator: torch.Generator) -> Tensor:
+        """Training times for ``n`` examples: uniform over the integer timesteps (Ho et al. 2020)."""
+        return torch.randint(0, self.schedule.num_timesteps, (n,), generator=generator).to(F64)
+
+    def network_input(self, x_t: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        """What the network is called with: the state and the time input, shape (B,)."""
+        return x_t, lv.t
+
+    def to_x0_eps(self, x_t: Tensor, out: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, lv: NoiseLevel) -> Tensor:
+        raise NotImplementedError
+
+    def x0_gain(self, lv: NoiseLevel) -> Tensor:
+        """|d x0_hat / d output| per example (float64, (B,)): an error e in the output is an error
+        gain * e in x0_hat."""
+        raise NotImplementedError
+
+
+class EpsPrediction(Parametrization):
+    prediction = Prediction.EPS
+
+    def to_x0_eps(self, x_t: Tensor, out: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        return x0_from_eps(x_t, out, lv.at(lv.abar, x_t)), out
+
+    def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, lv: NoiseLevel) -> Tensor:
+        return noise
+
+    def x0_gain(self, lv: NoiseLevel) -> Tensor:
+        return lv.sigma
+
+
+class X0Prediction(Parametrization):
+    prediction = Prediction.X0
+
+    def to_x0_eps(self, x_t: Tensor, out: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        return out, eps_from_x0(x_t, out, lv.at(lv.abar, x_t))
+
+    def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, lv: NoiseLevel) -> Tensor:
+        return x0
+
+    def x0_gain(self, lv: NoiseLevel) -> Tensor:
+        return torch.ones_like(lv.abar)
+
+
+class VPrediction(Parametrization):
+    prediction = Prediction.V
+
+    def to_x0_eps(self, x_t: Tensor, out: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        abar = lv.at(lv.abar, x_t)
+        return x0_from_v(x_t, out, abar), eps_from_v(x_t, out, abar)
+
+    def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, lv: NoiseLevel) -> Tensor:
+        return v_from_x0_eps(x0, noise, lv.at(lv.abar, x0))
+
+    def x0_gain(self, lv: NoiseLevel) -> Tensor:
+        return (1 - lv.abar).sqrt()
+
+
+PARAMETRIZATIONS: dict[Prediction, type[Parametrization]] = {
+    Prediction.EPS: EpsPrediction,
+    Prediction.X0: X0Prediction,
+    Prediction.V: VPrediction,
+}
+
+
+def make_parametrization(schedule: NoiseSchedule, objective: LossConfig) -> Parametrization:
+    return PARAMETRIZATIONS[objective.prediction](schedule, objective)

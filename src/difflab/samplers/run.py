@@ -1,0 +1,147 @@
+"""From a denoiser to images: :class:`SamplerConfig` (which sampler, on which grid), the driver
+:func:`run_sampler` that looks the sampler up in :data:`~difflab.samplers.registry.SAMPLERS`, and
+:func:`sample_batches` / :func:`sample`, which give image k the seed (seed, k)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from difflab.denoiser import Denoiser
+from difflab.errors import ConfigError, parse_choice
+from difflab.samplers.base import Callback
+from difflab.samplers.grid import Grid, GridKind, Spacing, build_grid
+from difflab.samplers.noise import Generators, image_generators, randn
+from difflab.samplers.registry import SAMPLERS, Option, SamplerKind, samplers_taking
+from difflab.schedule import NoiseSchedule, VarianceType
+
+# the value of each sampler option that means "not used", so a sampler that lacks it accepts it
+_OPTION_OFF: dict[Option, Any] = {"eta": 0.0, "churn": 0.0, "variance": VarianceType.FIXED_SMALL}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Which sampler, on which grid. ``steps=None`` means every training timestep.
+
+    ``grid`` is the grid kind; None picks the sampler's default (its registry row, or ``spacing``
+    when that is quadratic). ``spacing`` is the older uniform|quadratic switch, kept so existing
+    configs and ``--spacing`` still work. ``eta`` (ddim), ``churn`` (Karras et al.'s S_churn; euler,
+    heun) and ``variance`` (ddpm) are sampler options, refused by samplers that lack them.
+    ``trailing`` leaves out the grid's network call at t = 0 (:func:`build_grid`). :attr:`grid_kind`
+    is the resolved kind and :meth:`nfe` the cost in network evaluations.
+    """
+
+    sampler: SamplerKind = SamplerKind.DDIM
+    steps: int | None = 50
+    eta: float = 0.0
+    spacing: Spacing = Spacing.UNIFORM
+    variance: VarianceType = VarianceType.FIXED_SMALL
+    grid: GridKind | None = None
+    churn: float = 0.0
+    trailing: bool = False  # the grid of steps + 1 points without its t = 0 call (see samplers.grid)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sampler", parse_choice(SamplerKind, self.sampler, "sampler"))
+        object.__setattr__(self, "spacing", parse_choice(Spacing, self.spacing, "timestep spacing"))
+        object.__setattr__(self, "variance", parse_choice(VarianceType, self.variance, "variance type"))
+        if self.grid is not None:
+            object.__setattr__(self, "grid", parse_choice(GridKind, self.grid, "grid kind"))
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"--steps must be a positive integer, got {self.steps!r}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"--eta must be in [0, 1], got {self.eta}")
+        if not self.churn >= 0.0:
+            raise ConfigError(f"--churn must be >= 0, got {self.churn}")
+        takes = SAMPLERS[self.sampler].options
+        for option, off in _OPTION_OFF.items():
+            if getattr(self, option) != off and option not in takes:
+                names = [k.value for k in samplers_taking(option)]
+                which = f"the {' and '.join(names)} sampler{'s' if len(names) > 1 else ''}"
+                raise ConfigError(f"--{option} applies to {which} only, not {self.sampler.value}")
+        if not isinstance(self.trailing, bool):
+            raise ConfigError(f"trailing must be true or false, got {self.trailing!r}")
+        if self.grid is not None and self.spacing is Spacing.QUADRATIC and self.grid is not GridKind.QUADRATIC:
+            raise ConfigError(f"--spacing quadratic contradicts --grid-kind {self.grid.value}; give --grid-kind only")
+
+    @classmethod
+    def default_for(cls, sampler: SamplerKind | str, **options: Any) -> SamplerConfig:
+        """``sampler`` with its registry defaults (e.g. ddpm: every training timestep, others 50 steps),
+        then ``options``; ``steps=None`` in ``options`` also means the sampler's default."""
+        kind = parse_choice(SamplerKind, sampler, "sampler")
+        if options.get("steps") is None:
+            options["steps"] = SAMPLERS[kind].default_steps
+        return cls(sampler=kind, **options)
+
+    @property
+    def grid_kind(self) -> GridKind:
+        if self.grid is not None:
+            return self.grid
+        if self.spacing is Spacing.QUADRATIC:
+            return GridKind.QUADRATIC
+        return SAMPLERS[self.sampler].grid
+
+    def num_steps(self, num_timesteps: int) -> int:
+        """Grid steps for a model with ``num_timesteps`` training timesteps."""
+        return num_timesteps if self.steps is None else self.steps
+
+    def nfe(self, num_timesteps: int) -> int:
+        """Network evaluations per image for a model with ``num_timesteps`` training timesteps."""
+        return SAMPLERS[self.sampler].nfe(self.num_steps(num_timesteps))
+
+
+def make_grid(schedule: NoiseSchedule, cfg: SamplerConfig) -> Grid:
+    """The grid of ``cfg`` for ``schedule``: integer timesteps (at most T) for uniform and
+    quadratic, fractional ones (any number) for log-snr and karras."""
+    kind = cfg.grid_kind
+    if not kind.in_sigma and cfg.steps is not None and cfg.steps > schedule.num_timesteps:
+        raise ConfigError(f"--steps {cfg.steps} exceeds the model's {schedule.num_timesteps} training timesteps")
+    return build_grid(schedule, cfg.steps, kind, trailing=cfg.trailing)
+
+
+@torch.no_grad()
+def run_sampler(
+    denoiser: Denoiser, x: Tensor, grid: Grid, cfg: SamplerConfig, *,
+    generator: Generators = None, callback: Callback = None, **cond: Any,
+) -> Tensor:
+    """Run the sampler of ``cfg`` from the VP state ``x`` at grid.t[0] down to data."""
+    entry = SAMPLERS[cfg.sampler]
+    options = {name: getattr(cfg, name) for name in entry.options}
+    return entry.fn(denoiser, x, grid, generator=generator, callback=callback, **options, **cond)
+
+
+def sample_batches(
+    denoiser: Denoiser,
+    n: int,
+    shape: Sequence[int],
+    cfg: SamplerConfig = SamplerConfig(),
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    start: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    callback: Callback = None,
+    **cond: Any,
+) -> Iterator[tuple[range, Tensor]]:
+    """Yield (image indices, images in [-1, 1]) batch by batch; image k uses seed (seed, k)."""
+    if n < 1:
+        raise ConfigError(f"-n must be at least 1, got {n}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    grid = make_grid(denoiser.schedule, cfg)
+    bar = tqdm(total=n, desc=f"sampling {cfg.sampler.value}", unit="img", disable=not progress)
+    for lo in range(start, start + n, batch_size):
+        idx = range(lo, min(lo + batch_size, start + n))
+        gens = image_generators(seed, idx, device)
+        x = randn((len(idx), *shape), gens, device=device)
+        yield idx, run_sampler(denoiser, x, grid, cfg, generator=gens, callback=callback, **cond)
+        bar.update(len(idx))
+    bar.close()
+
+
+def sample(denoiser: Denoiser, n: int, shape: Sequence[int], cfg: SamplerConfig = SamplerConfig(), **kwargs: Any) -> Tensor:
+    """``n`` images of ``shape`` (C, H, W) in [-1, 1]; see :func:`sample_batches` for the options."""
+    return torch.cat([imgs for _, imgs in sample_batches(denoiser, n, shape, cfg, **kwargs)])
