@@ -14,8 +14,21 @@ from difflab.parametrization import Prediction, eps_from_x0, v_from_x0_eps
 from difflab.schedule import NoiseSchedule, broadcast_to
 
 
+def posterior_mean_coefs(schedule: NoiseSchedule, t):
+    """Ho et al. 2020, eq. 7: mu~_t = c1 x_0 + c2 x_t for the step t -> t - 1, written out from the betas
+    at the integer steps (abar_{-1} = 1) and linear in between, as the x_prev member defines it."""
+    def at(k):
+        abar, beta = schedule.alphas_cumprod[k], schedule.betas[k]
+        prev = torch.where(k > 0, schedule.alphas_cumprod[(k - 1).clamp(min=0)], torch.ones_like(abar))
+        return beta * prev.sqrt() / (1 - abar), (1 - prev) * (1 - beta).sqrt() / (1 - abar)
+    t = t.double()
+    lo, w = t.floor().long(), t - t.floor()
+    (a1, a2), (b1, b2) = at(lo), at((lo + 1).clamp(max=len(schedule) - 1))
+    return (1 - w) * a1 + w * b1, (1 - w) * a2 + w * b2
+
+
 class GaussianModel(torch.nn.Module):
-    """A 'network' that returns the ideal prediction (eps, x0 or v) for Gaussian data."""
+    """A 'network' that returns the ideal prediction (eps, x0, v or x_prev) for Gaussian data."""
 
     def __init__(self, schedule: NoiseSchedule, mu: float, s: float, prediction: Prediction = Prediction.EPS):
         super().__init__()
@@ -29,8 +42,11 @@ class GaussianModel(torch.nn.Module):
             out = x0
         elif self.prediction is Prediction.EPS:
             out = eps_from_x0(xd, x0, abar)
-        else:
+        elif self.prediction is Prediction.V:
             out = v_from_x0_eps(x0, eps_from_x0(xd, x0, abar), abar)
+        else:  # x_prev
+            c1, c2 = (broadcast_to(c, xd) for c in posterior_mean_coefs(self.schedule, t))
+            out = c1 * x0 + c2 * xd
         return out.to(x.dtype)
 
 

@@ -8,6 +8,8 @@ from difflab.losses import per_example_loss
 from difflab.parametrization import LossConfig, Prediction
 from difflab.schedule import NoiseSchedule
 
+from gaussian import posterior_mean_coefs
+
 
 def test_per_example_losses_match_their_definitions():
     g = torch.Generator().manual_seed(0)
@@ -21,13 +23,16 @@ def test_per_example_losses_match_their_definitions():
         per_example_loss(a, b, "l3")
 
 
-def _outputs(prediction: str, x0, eps, x_t, abar):
+def _outputs(prediction: str, x0, eps, x_t, abar, sched, t):
     """What a network of each parametrisation outputs for the pair (x0, eps) at abar: written out
     from the definitions (Ho et al. 2020; Salimans & Ho 2022), not with difflab's conversions."""
     if prediction == "eps":
         return eps
     if prediction == "x0":
         return x0
+    if prediction == "x_prev":
+        c1, c2 = (c.reshape(-1, *[1] * (x0.ndim - 1)).to(x0.dtype) for c in posterior_mean_coefs(sched, t))
+        return c1 * x0 + c2 * x_t
     return abar.sqrt() * eps - (1 - abar).sqrt() * x0  # v
 
 
@@ -42,7 +47,7 @@ class Fixed(torch.nn.Module):
         return self.out
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev"])
 def test_min_snr_loss_is_the_same_x0_loss_in_every_parametrisation(prediction):
     """min(SNR, gamma) * ||x0 - x0_hat||^2 must be what Denoiser.loss gives for a network whose
     output means x0_hat, whatever the network predicts."""
@@ -55,16 +60,16 @@ def test_min_snr_loss_is_the_same_x0_loss_in_every_parametrisation(prediction):
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     eps_hat = (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
     want = snr.clamp(max=5.0) * ((x0 - x0_hat) ** 2).mean(1)
-    out = _outputs(prediction, x0_hat, eps_hat, x_t, abar).float()
+    out = _outputs(prediction, x0_hat, eps_hat, x_t, abar, sched, t).float()
     den = Denoiser(Fixed(out), sched, LossConfig(prediction=prediction, weighting="min-snr", min_snr_gamma=5.0))
     got = den.loss(x0.float(), t, eps.float())
     assert torch.allclose(got.double(), want, rtol=2e-3), prediction
     plain = Denoiser(Fixed(out), sched, LossConfig(prediction=prediction)).loss(x0.float(), t, eps.float())
-    target = _outputs(prediction, x0, eps, x_t, abar)
+    target = _outputs(prediction, x0, eps, x_t, abar, sched, t)
     assert torch.allclose(plain.double(), ((out.double() - target) ** 2).mean(1), rtol=1e-4)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev"])
 def test_loss_is_zero_for_the_perfect_prediction(prediction):
     sched = NoiseSchedule.from_name("linear", 1000)
     g = torch.Generator().manual_seed(2)
@@ -72,7 +77,7 @@ def test_loss_is_zero_for_the_perfect_prediction(prediction):
     t = torch.tensor([0, 10, 500, 999])
     abar = sched.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    target = _outputs(prediction, x0, noise, x_t, abar)
+    target = _outputs(prediction, x0, noise, x_t, abar, sched, t)
     cfg = LossConfig(prediction=prediction, weighting="min-snr")
     perfect = Denoiser(Fixed(target), sched, cfg).loss(x0, t, noise)
     assert perfect.shape == (4,) and float(perfect.abs().max()) < 1e-10

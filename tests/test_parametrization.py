@@ -1,10 +1,12 @@
 """The parametrisation object: conversions, respaced schedules, and every member's closed forms."""
+import math
+
 import pytest
 import torch
 
 from difflab.denoiser import Denoiser
-from difflab.parametrization import eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
-from difflab.schedule import NoiseSchedule
+from difflab.parametrization import Prediction, eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
+from difflab.schedule import NoiseSchedule, posterior
 
 
 class TimeRecorder(torch.nn.Module):
@@ -47,3 +49,60 @@ def test_a_respaced_schedule_reaches_the_network_as_training_timesteps(predictio
     t_mid = float(on_respaced.times[-1])
     assert 249 < t_mid < 499
     assert float(base.sigma_at(t_mid)) == pytest.approx(float(respaced.sigma_at(2.5)), rel=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev"])
+@pytest.mark.parametrize("t", [0.0, 1.0, 17.0, 17.25, 500.0, 998.5, 999.0])
+def test_the_target_converts_back_to_x0_and_eps(prediction, t):
+    """A network that outputs exactly the training target makes the denoiser return x_0 and eps."""
+    sched = NoiseSchedule.from_name("linear", 1000)
+    den = Denoiser(TimeRecorder(), sched, prediction)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
+    lv = den.param.level(torch.full((4,), t))
+    abar = float(sched.alpha_bar_at(t))
+    x_t = abar**0.5 * x0 + (1 - abar) ** 0.5 * eps
+    x0_back, eps_back = den.param.to_x0_eps(x_t, den.param.target(x0, eps, x_t, lv), lv)
+    assert torch.allclose(x0_back, x0, atol=1e-9) and torch.allclose(eps_back, eps, atol=1e-9)
+
+
+def test_x_prev_output_is_the_mean_of_a_full_grid_ddpm_step():
+    """For x_prev the network's output is DDPM's step mean on the full grid: the sampler's posterior
+    (schedule.posterior) applied to the denoiser's x0_hat must give the output back."""
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    den = Denoiser(TimeRecorder(), sched, "x_prev")  # output 0.5 x
+    for t in [1, 10, 400, 999]:
+        x0_hat = den.denoise(x, float(t))
+        post = posterior(float(sched.alphas_cumprod[t]), float(sched.alphas_cumprod[t - 1]))
+        assert torch.allclose(post.coef_x0 * x0_hat + post.coef_xt * x.float(), 0.5 * x.float(), atol=2e-4), t
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("faces")
+    g = torch.Generator().manual_seed(0)
+    for k in range(16):
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(root / f"{k}.png")
+    return root
+
+
+@pytest.mark.parametrize("prediction", [p.value for p in Prediction])
+def test_every_prediction_trains_and_samples_from_the_cli(tmp_path, capsys, faces, prediction):
+    import json
+
+    from difflab.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(faces), "--out", str(run), "--preset", "tiny", "--image-size", "16",
+                 "--batch-size", "8", "--max-steps", "4", "--no-progress", "train.log_every=2", "train.sample_every=0",
+                 f"loss.prediction={prediction}"]) == 0
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+    for sampler in ["ddpm", "dpmpp-2m"]:
+        out = tmp_path / sampler
+        assert main(["sample", "--run", str(run), "-n", "2", "--sampler", sampler, "--steps", "5", "--out", str(out),
+                     "--format", "png", "--no-progress"]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in out.glob("*.png")) == ["1.png", "2.png"]

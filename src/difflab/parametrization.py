@@ -19,6 +19,7 @@ data. For a noise level (a training timestep ``t``, possibly fractional) it owns
 | ``eps``                      | the noise eps (Ho et al. 2020)       | x_t, t                    | sigma              |
 | ``x0``                       | the clean image x_0                  | x_t, t                    | 1                  |
 | ``v`` (Salimans & Ho 2022)   | sqrt(abar) eps - sqrt(1 - abar) x_0  | x_t, t                    | sqrt(1 - abar)     |
+| ``x_prev`` (Ho et al. 2020)  | the posterior mean of x_(t-1)        | x_t, t                    | 1 / coef_x0(t)     |
 
 Adding a member = one subclass here and one row in :data:`PARAMETRIZATIONS` (and its
 :class:`Prediction` value). :class:`LossConfig`, the training objective (prediction, loss, weighting),
@@ -46,6 +47,7 @@ class Prediction(str, Enum):
     EPS = "eps"
     X0 = "x0"
     V = "v"
+    X_PREV = "x_prev"
 
 
 # -- the algebra between the parametrisations, for any abar broadcastable to x (exact, round-trips) --
@@ -186,10 +188,47 @@ class VPrediction(Parametrization):
         return (1 - lv.abar).sqrt()
 
 
+def _lerp(table: Tensor, t: Tensor) -> Tensor:
+    """A per-timestep float64 table at possibly fractional ``t``: linear between integer steps."""
+    t = t.clamp(0, len(table) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(table) - 1)
+    w = t - lo
+    return (1 - w) * table[lo] + w * table[hi]
+
+
+class XPrevPrediction(Parametrization):
+    """The network predicts the posterior mean of x_(t-1): mu~ = coef_x0(t) x_0 + coef_xt(t) x_t (Ho et
+    al. 2020, eq. 7 and their "predict mu~" ablation; improved-diffusion's ``ModelMeanType.PREVIOUS_X``),
+    with the coefficients of :func:`difflab.schedule.posterior` for the step t -> t - 1 of the training
+    schedule (at t = 0: mu~ = x_0). A full-grid DDPM step is then the network's output plus noise.
+    At fractional t (ODE grids) the coefficients are interpolated linearly between training steps.
+    x0_hat = (out - coef_xt x_t) / coef_x0 multiplies the output's error by 1 / coef_x0 (~8000 at the
+    noisy end of DDPM's linear schedule), which is why Ho et al. found this the weakest choice."""
+
+    prediction = Prediction.X_PREV
+
+    def _coefs(self, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        return _lerp(self.schedule.posterior_mean_coef1, lv.t), _lerp(self.schedule.posterior_mean_coef2, lv.t)
+
+    def to_x0_eps(self, x_t: Tensor, out: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        c1, c2 = self._coefs(lv)
+        x0 = (out - lv.at(c2, x_t) * x_t) / lv.at(c1, x_t)
+        return x0, eps_from_x0(x_t, x0, lv.at(lv.abar, x_t))
+
+    def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, lv: NoiseLevel) -> Tensor:
+        c1, c2 = self._coefs(lv)
+        return lv.at(c1, x0) * x0 + lv.at(c2, x0) * x_t
+
+    def x0_gain(self, lv: NoiseLevel) -> Tensor:
+        return 1 / self._coefs(lv)[0]
+
+
 PARAMETRIZATIONS: dict[Prediction, type[Parametrization]] = {
     Prediction.EPS: EpsPrediction,
     Prediction.X0: X0Prediction,
     Prediction.V: VPrediction,
+    Prediction.X_PREV: XPrevPrediction,
 }
 
 
