@@ -35,6 +35,8 @@ class GaussianModel(torch.nn.Module):
         self.schedule, self.mu, self.s, self.prediction = schedule, mu, s, Prediction(prediction)
 
     def forward(self, x, t):
+        if self.prediction is Prediction.EDM:
+            return self._edm(x, t)
         abar = broadcast_to(self.schedule.alpha_bar_at(t.double()), x.double())
         xd = x.double()
         x0 = self.mu + abar.sqrt() * self.s**2 / (abar * self.s**2 + 1 - abar) * (xd - abar.sqrt() * self.mu)
@@ -48,6 +50,16 @@ class GaussianModel(torch.nn.Module):
             c1, c2 = (broadcast_to(c, xd) for c in posterior_mean_coefs(self.schedule, t))
             out = c1 * x0 + c2 * xd
         return out.to(x.dtype)
+
+    def _edm(self, x_in, c_noise, sigma_data: float = 0.5):
+        """Karras et al. 2022, table 1: the network sees c_in y and c_noise = 250 ln(sigma) (difflab's
+        scaling of ln(sigma) / 4) and must output F = (D - c_skip y) / c_out, D = E[x_0 | y]."""
+        sigma = broadcast_to((c_noise.double() / 250).exp(), x_in.double())
+        total = sigma**2 + sigma_data**2
+        y = x_in.double() * total.sqrt()  # c_in = 1 / sqrt(sigma^2 + sd^2)
+        d = self.mu + self.s**2 / (self.s**2 + sigma**2) * (y - self.mu)
+        c_skip, c_out = sigma_data**2 / total, sigma * sigma_data / total.sqrt()
+        return ((d - c_skip * y) / c_out).to(x_in.dtype)
 
 
 def exact_ode_solution(schedule: NoiseSchedule, x_T, mu: float, s: float, t_start: float):

@@ -30,6 +30,10 @@ def _outputs(prediction: str, x0, eps, x_t, abar, sched, t):
         return eps
     if prediction == "x0":
         return x0
+    if prediction == "edm":  # F = (x_0 - c_skip y) / c_out, Karras et al. 2022, table 1, sigma_data = 0.5
+        sigma2 = (1 - abar) / abar
+        c_skip, c_out = 0.25 / (sigma2 + 0.25), (sigma2 * 0.25 / (sigma2 + 0.25)).sqrt()
+        return (x0 - c_skip * x_t / abar.sqrt()) / c_out
     if prediction == "x_prev":
         c1, c2 = (c.reshape(-1, *[1] * (x0.ndim - 1)).to(x0.dtype) for c in posterior_mean_coefs(sched, t))
         return c1 * x0 + c2 * x_t
@@ -47,7 +51,7 @@ class Fixed(torch.nn.Module):
         return self.out
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev", "edm"])
 def test_min_snr_loss_is_the_same_x0_loss_in_every_parametrisation(prediction):
     """min(SNR, gamma) * ||x0 - x0_hat||^2 must be what Denoiser.loss gives for a network whose
     output means x0_hat, whatever the network predicts."""
@@ -69,7 +73,7 @@ def test_min_snr_loss_is_the_same_x0_loss_in_every_parametrisation(prediction):
     assert torch.allclose(plain.double(), ((out.double() - target) ** 2).mean(1), rtol=1e-4)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev", "edm"])
 def test_loss_is_zero_for_the_perfect_prediction(prediction):
     sched = NoiseSchedule.from_name("linear", 1000)
     g = torch.Generator().manual_seed(2)

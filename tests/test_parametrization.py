@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from difflab.denoiser import Denoiser
-from difflab.parametrization import Prediction, eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
+from difflab.parametrization import LossConfig, Prediction, eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
 from difflab.schedule import NoiseSchedule, posterior
 
 
@@ -51,7 +51,7 @@ def test_a_respaced_schedule_reaches_the_network_as_training_timesteps(predictio
     assert float(base.sigma_at(t_mid)) == pytest.approx(float(respaced.sigma_at(2.5)), rel=1e-6)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev", "edm"])
 @pytest.mark.parametrize("t", [0.0, 1.0, 17.0, 17.25, 500.0, 998.5, 999.0])
 def test_the_target_converts_back_to_x0_and_eps(prediction, t):
     """A network that outputs exactly the training target makes the denoiser return x_0 and eps."""
@@ -106,3 +106,45 @@ def test_every_prediction_trains_and_samples_from_the_cli(tmp_path, capsys, face
         assert main(["sample", "--run", str(run), "-n", "2", "--sampler", sampler, "--steps", "5", "--out", str(out),
                      "--format", "png", "--no-progress"]) == 0, capsys.readouterr().err
         assert sorted(p.name for p in out.glob("*.png")) == ["1.png", "2.png"]
+
+
+def test_edm_scalings_weight_and_noise_levels():
+    """Karras et al. 2022, table 1: the network's input has unit variance at every noise level for
+    data of standard deviation sigma_data; the loss on F is lambda(sigma) ||D - x_0||^2 with
+    lambda = (sigma^2 + sd^2) / (sigma sd)^2; training noise levels are log-normal(P_mean, P_std)."""
+    sched = NoiseSchedule.from_name("linear", 1000)
+    g = torch.Generator().manual_seed(5)
+    x0 = 0.5 * torch.randn(4000, 16, generator=g, dtype=torch.float64)  # sigma_data = 0.5
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for t in [0.0, 100.0, 400.0, 999.0]:
+        den = Denoiser(TimeRecorder(), sched, LossConfig(prediction="edm"))
+        lv = den.param.level(torch.full((len(x0),), t))
+        abar = float(sched.alpha_bar_at(t))
+        x_in, c_noise = den.param.network_input(abar**0.5 * x0 + (1 - abar) ** 0.5 * eps, lv)
+        assert float(x_in.var()) == pytest.approx(1.0, rel=0.03)
+        sigma = ((1 - abar) / abar) ** 0.5
+        assert float(c_noise[0]) == pytest.approx(250 * math.log(sigma), rel=1e-9)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, x, t):
+            return self.out
+
+    t = torch.tensor([3.0, 50.0, 300.0, 900.0])
+    x0, eps, f = (torch.randn(4, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    loss = Denoiser(Fixed(f.float()), sched, LossConfig(prediction="edm")).loss(x0.float(), t, eps.float())
+    abar = sched.alphas_cumprod[t.long()].reshape(-1, 1)
+    sigma = ((1 - abar) / abar).sqrt()
+    y = x0 + sigma * eps
+    d = 0.25 / (sigma**2 + 0.25) * y + sigma * 0.5 / (sigma**2 + 0.25).sqrt() * f
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    assert torch.allclose(loss.double(), (lam * (d - x0) ** 2).mean(1), rtol=1e-4)
+
+    ts = Denoiser(TimeRecorder(), sched, LossConfig(prediction="edm", p_mean=-1.0, p_std=0.8)).sample_t(
+        20_000, torch.Generator().manual_seed(6))
+    log_sigma = sched.sigma_at(ts).log()
+    assert float(log_sigma.mean()) == pytest.approx(-1.0, abs=0.02)
+    assert float(log_sigma.std()) == pytest.approx(0.8, rel=0.02)

@@ -35,7 +35,7 @@ def assert_data_moments(x, mean_tol=4e-3, var_rel=0.03):
     assert float(x.var()) == pytest.approx(S**2, rel=var_rel)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev", "edm"])
 def test_ddpm_full_grid_reaches_the_data_gaussian(schedule, prediction):
     x = sample_ddpm(gaussian_denoiser(schedule, prediction), noise(), discrete_grid(schedule),
                     generator=torch.Generator().manual_seed(1))
@@ -85,7 +85,7 @@ def test_ddim_eta_one_is_ddpm_fixed_small(schedule):
     assert torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("prediction", ["x0", "v", "x_prev"])
+@pytest.mark.parametrize("prediction", ["x0", "v", "x_prev", "edm"])
 def test_every_prediction_type_gives_the_same_sampler_result(schedule, prediction):
     grid = discrete_grid(schedule, 20)
     ref = sample_ddim(gaussian_denoiser(schedule, "eps"), noise(200), grid)

@@ -167,7 +167,7 @@ def test_stochastic_samplers_give_the_same_images_whatever_the_batch(schedule, c
 
 
 @pytest.mark.parametrize("name", ["euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m"])
-@pytest.mark.parametrize("prediction", ["x0", "v", "x_prev"])
+@pytest.mark.parametrize("prediction", ["x0", "v", "x_prev", "edm"])
 def test_every_prediction_type_gives_the_same_result(schedule, name, prediction):
     cfg = SamplerConfig(sampler=name, steps=12)
     grid, x = make_grid(schedule, cfg), noise(200, dtype=torch.float32)

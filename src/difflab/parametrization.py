@@ -20,6 +20,7 @@ data. For a noise level (a training timestep ``t``, possibly fractional) it owns
 | ``x0``                       | the clean image x_0                  | x_t, t                    | 1                  |
 | ``v`` (Salimans & Ho 2022)   | sqrt(abar) eps - sqrt(1 - abar) x_0  | x_t, t                    | sqrt(1 - abar)     |
 | ``x_prev`` (Ho et al. 2020)  | the posterior mean of x_(t-1)        | x_t, t                    | 1 / coef_x0(t)     |
+| ``edm`` (Karras et al. 2022) | F, with x0_hat = c_skip y + c_out F  | c_in y, c_noise(sigma)    | c_out              |
 
 Adding a member = one subclass here and one row in :data:`PARAMETRIZATIONS` (and its
 :class:`Prediction` value). :class:`LossConfig`, the training objective (prediction, loss, weighting),
@@ -48,6 +49,7 @@ class Prediction(str, Enum):
     X0 = "x0"
     V = "v"
     X_PREV = "x_prev"
+    EDM = "edm"
 
 
 # -- the algebra between the parametrisations, for any abar broadcastable to x (exact, round-trips) --
@@ -77,6 +79,8 @@ class LossConfig:
 
     ``weighting`` none is the plain loss on the network's output; ``min-snr`` weights the loss on x_0
     by min(SNR, gamma) (Hang et al. 2023), expressed for the output through its x0 gain.
+    ``sigma_data``, ``p_mean`` and ``p_std`` are the ``edm`` member's constants (Karras et al. 2022,
+    table 1: the data's standard deviation, and the log-normal noise-level distribution of training).
     """
 
     prediction: Prediction = Prediction.EPS
@@ -84,6 +88,9 @@ class LossConfig:
     weighting: Weighting = Weighting.NONE
     min_snr_gamma: float = 5.0
     huber_delta: float = 1.0
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prediction", parse_choice(Prediction, self.prediction, "prediction type"))
@@ -91,6 +98,8 @@ class LossConfig:
         object.__setattr__(self, "weighting", parse_choice(Weighting, self.weighting, "loss weighting"))
         if self.min_snr_gamma <= 0 or self.huber_delta <= 0:
             raise ConfigError("min_snr_gamma and huber_delta must be positive")
+        if not (self.sigma_data > 0 and self.p_std > 0):
+            raise ConfigError(f"loss.sigma_data and loss.p_std must be positive, got {self.sigma_data} and {self.p_std}")
 
 
 @dataclass(frozen=True)
@@ -224,11 +233,59 @@ class XPrevPrediction(Parametrization):
         return 1 / self._coefs(lv)[0]
 
 
+class EDMPreconditioning(Parametrization):
+    """Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models", sec. 5
+    and table 1): on the VE state y = x_t / sqrt(abar) = x_0 + sigma eps the denoiser is
+        D(y; sigma) = c_skip y + c_out F(c_in y; c_noise),
+        c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2),
+    with sd = ``sigma_data``, so F's input and its target have unit variance at every noise level.
+    Training draws ln(sigma) ~ N(p_mean, p_std^2), mapped to the training schedule's time (clamped to
+    its [sigma_min, sigma_max]), and weights ||D - x_0||^2 by lambda = 1 / c_out^2: that is the plain
+    loss on F against (x_0 - c_skip y) / c_out, so ``weighting`` none gives EDM's loss exactly.
+
+    The time input is EDM's c_noise = ln(sigma) / 4 scaled by 1000 (250 ln sigma): difflab's UNet
+    embeds time with DDPM's sinusoids (frequencies 1 .. 1e-4), made for t in [0, 1000), and
+    ln(sigma) / 4 alone spans only ~2.4 (sigma from 0.01 to 157) where its fastest frequency turns
+    less than half a period."""
+
+    prediction = Prediction.EDM
+
+    def _scalings(self, lv: NoiseLevel) -> tuple[Tensor, Tensor, Tensor]:
+        sigma, sd = lv.sigma, self.objective.sigma_data
+        total = sigma**2 + sd**2
+        return sd**2 / total, sigma * sd / total.sqrt(), 1 / total.sqrt()  # c_skip, c_out, c_in
+
+    @staticmethod
+    def _y(x_t: Tensor, lv: NoiseLevel) -> Tensor:
+        return x_t / lv.at(lv.abar.sqrt(), x_t)
+
+    def sample_t(self, n: int, generator: torch.Generator) -> Tensor:
+        log_sigma = self.objective.p_mean + self.objective.p_std * torch.randn(n, generator=generator, dtype=F64)
+        return self.schedule.t_at_sigma(log_sigma.exp())
+
+    def network_input(self, x_t: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        c_in = self._scalings(lv)[2]
+        return lv.at(c_in, x_t) * self._y(x_t, lv), 250 * lv.sigma.log()
+
+    def to_x0_eps(self, x_t: Tensor, out: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
+        c_skip, c_out, _ = self._scalings(lv)
+        x0 = lv.at(c_skip, x_t) * self._y(x_t, lv) + lv.at(c_out, x_t) * out
+        return x0, eps_from_x0(x_t, x0, lv.at(lv.abar, x_t))
+
+    def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, lv: NoiseLevel) -> Tensor:
+        c_skip, c_out, _ = self._scalings(lv)
+        return (x0 - lv.at(c_skip, x0) * self._y(x_t, lv)) / lv.at(c_out, x0)
+
+    def x0_gain(self, lv: NoiseLevel) -> Tensor:
+        return self._scalings(lv)[1]
+
+
 PARAMETRIZATIONS: dict[Prediction, type[Parametrization]] = {
     Prediction.EPS: EpsPrediction,
     Prediction.X0: X0Prediction,
     Prediction.V: VPrediction,
     Prediction.X_PREV: XPrevPrediction,
+    Prediction.EDM: EDMPreconditioning,
 }
 
 
