@@ -19,7 +19,7 @@ from difflab.config import from_dict, to_dict
 from difflab.denoiser import Denoiser
 from difflab.errors import ConfigError
 from difflab.samplers import (
-    GridKind, SamplerConfig, build_grid, discrete_grid, karras_sigmas, log_snr_sigmas, make_grid, nfe, run_sampler,
+    GridKind, SamplerConfig, SamplerKind, build_grid, discrete_grid, karras_sigmas, log_snr_sigmas, make_grid, nfe, run_sampler,
     sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_euler, sample_heun,
 )
 from difflab.samplers.dpmpp import phi
@@ -30,6 +30,7 @@ from gaussian import GaussianModel, exact_ode_solution
 MU = 0.4
 SCALES = torch.linspace(0.05, 1.0, 16, dtype=torch.float64)
 STEPS = [10, 20, 40, 80, 160]
+ALL_SAMPLERS = [kind.value for kind in SamplerKind]  # every registry row is checked below
 # sampler -> (function, stated order)
 ODE = {
     "ddim": (sample_ddim, 1), "euler": (sample_euler, 1), "heun": (sample_heun, 2),
@@ -166,7 +167,7 @@ def test_stochastic_samplers_give_the_same_images_whatever_the_batch(schedule, c
     assert not torch.equal(a, sample(den, 7, shape, cfg, seed=6, progress=False))
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 @pytest.mark.parametrize("prediction", ["x0", "v", "x_prev", "edm"])
 def test_every_prediction_type_gives_the_same_result(schedule, name, prediction):
     cfg = SamplerConfig(sampler=name, steps=12)
@@ -187,7 +188,7 @@ class Counting(torch.nn.Module):
         return self.inner(x, t)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_nfe_and_callback(schedule, name):
     model = Counting(GaussianModel(schedule, MU, SCALES))
     cfg, x, seen = SamplerConfig(sampler=name, steps=7), noise(5, dtype=torch.float32), []
