@@ -22,6 +22,7 @@ from difflab.samplers import (
     GridKind, SamplerConfig, SamplerKind, build_grid, discrete_grid, karras_sigmas, log_snr_sigmas, make_grid, nfe, run_sampler,
     sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_euler, sample_heun,
 )
+from difflab.samplers.dpmpp import sample_dpmpp_3m_sde
 from difflab.samplers.dpmpp import phi
 from difflab.schedule import NoiseSchedule
 
@@ -136,7 +137,7 @@ def test_ode_samples_have_the_data_moments(schedule, name, steps):
 
 def test_sde_samplers_reach_the_data_moments(schedule):
     den, x = gaussian_denoiser(schedule), noise(4000, dtype=torch.float32)
-    for name, kw in [("dpmpp-2m-sde", {}), ("heun", {"churn": 10.0})]:
+    for name, kw in [("dpmpp-2m-sde", {}), ("dpmpp-3m-sde", {}), ("heun", {"churn": 10.0})]:
         cfg = SamplerConfig(sampler=name, steps=30, **kw)
         out = run_sampler(den, x, make_grid(schedule, cfg), cfg, generator=torch.Generator().manual_seed(1)).double()
         assert float((out.mean(0) - MU).abs().max()) < 0.05, name
@@ -150,6 +151,7 @@ def test_sde_special_cases_are_closed_forms(schedule):
     grid = build_grid(schedule, 12, "log-snr")
     # eta = 0 removes the noise and leaves the ODE solver
     assert torch.allclose(sample_dpmpp_2m_sde(den, x, grid, eta=0.0), sample_dpmpp_2m(den, x, grid), atol=1e-5)
+    assert torch.allclose(sample_dpmpp_3m_sde(den, x, grid, eta=0.0), sample_dpmpp_3m(den, x, grid), atol=1e-5)
     # its first-order step is DDPM's posterior sample (same noise), and the last returns x0_hat
     two = build_grid(schedule, 2, "karras")
     a = sample_dpmpp_2m_sde(den, x, two, generator=torch.Generator().manual_seed(4))
@@ -157,7 +159,8 @@ def test_sde_special_cases_are_closed_forms(schedule):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [SamplerConfig(sampler="dpmpp-2m-sde", steps=8), SamplerConfig(sampler="heun", steps=6, churn=5.0)])
+@pytest.mark.parametrize("cfg", [SamplerConfig(sampler="dpmpp-2m-sde", steps=8), SamplerConfig(sampler="dpmpp-3m-sde", steps=8),
+                                 SamplerConfig(sampler="heun", steps=6, churn=5.0)])
 def test_stochastic_samplers_give_the_same_images_whatever_the_batch(schedule, cfg):
     den = gaussian_denoiser(schedule)
     shape = (len(SCALES),)

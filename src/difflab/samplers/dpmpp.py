@@ -153,3 +153,19 @@ def sample_dpmpp_3m(
     sigma = 0) is y_next = D."""
     return multistep(denoiser, x, grid, correction=polynomial_correction, eta=0.0, s_noise=1.0, generator=generator,
                      callback=callback, **cond)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(
+    denoiser: Denoiser, x: Tensor, grid: Grid, *, eta: float = 1.0, s_noise: float = 1.0,
+    generator: Generators = None, callback: Callback = None, **cond: Any,
+) -> Tensor:
+    """SDE-DPM-Solver++(3M): 3M's polynomial in lambda integrated against the reverse SDE's weight
+    (module docstring; the same update as k-diffusion's ``sample_dpmpp_3m_sde``). With k = (1 + eta) h,
+
+        y_next = e^-k y + phi_0(k) D_i + phi_1(k) / (1 + eta) (f01 + h_1 f012) + 2 phi_2(k) / (1 + eta)^2 f012
+                 + sigma_next sqrt(1 - e^(-2 eta h)) s_noise z.
+
+    eta = 0 is :func:`sample_dpmpp_3m`; the last step returns D and adds no noise."""
+    return multistep(denoiser, x, grid, correction=polynomial_correction, eta=eta, s_noise=s_noise,
+                     generator=generator, callback=callback, **cond)

@@ -9,6 +9,7 @@
 | ``dpmpp-2m``     | DPM-Solver++(2M) (Lu et al. 2022, Alg. 2)           | 2     | N               |
 | ``dpmpp-2m-sde`` | SDE-DPM-Solver++(2M)                                | SDE   | N               |
 | ``dpmpp-3m``     | DPM-Solver++(3M)                                    | 3     | N               |
+| ``dpmpp-3m-sde`` | SDE-DPM-Solver++(3M)                                | SDE   | N               |
 
 Every sampler is a pure function ``fn(denoiser, x, grid, *, generator, callback, **options, **cond)``
 from the VP state at grid.t[0] down to data; every grid ends with a step to sigma = 0. Adding a
@@ -27,7 +28,7 @@ from typing import Any, Callable, Literal
 from difflab.errors import parse_choice
 from difflab.samplers.ddim import sample_ddim
 from difflab.samplers.ddpm import sample_ddpm
-from difflab.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
+from difflab.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde
 from difflab.samplers.euler import sample_euler
 from difflab.samplers.grid import GridKind
 from difflab.samplers.heun import sample_heun
@@ -44,6 +45,7 @@ class SamplerKind(str, Enum):
     DPMPP_2M = "dpmpp-2m"
     DPMPP_2M_SDE = "dpmpp-2m-sde"
     DPMPP_3M = "dpmpp-3m"
+    DPMPP_3M_SDE = "dpmpp-3m-sde"
 
 
 def _one_per_step(steps: int) -> int:
@@ -75,6 +77,7 @@ SAMPLERS: dict[SamplerKind, SamplerEntry] = {
     SamplerKind.DPMPP_2M: SamplerEntry(sample_dpmpp_2m, GridKind.LOG_SNR),
     SamplerKind.DPMPP_2M_SDE: SamplerEntry(sample_dpmpp_2m_sde, GridKind.LOG_SNR),
     SamplerKind.DPMPP_3M: SamplerEntry(sample_dpmpp_3m, GridKind.LOG_SNR),
+    SamplerKind.DPMPP_3M_SDE: SamplerEntry(sample_dpmpp_3m_sde, GridKind.LOG_SNR),
 }
 
 
