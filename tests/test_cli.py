@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny run, and every kind of bad input as a one-line error (exit 2)."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,10 @@ def test_sample_layout_and_seeds_independent_of_batch_size(tmp_path, capsys, tra
     code, out, _ = run(capsys, "sample", "--run", trained_run, "-n", 5, "--steps", 4, "--batch-size", 5,
                        "--out", a, "--format", "png", "--grid", tmp_path / "grid.png", "--no-progress")
     assert code == 0 and "wrote 5 images" in out
-    assert sorted(os.listdir(a)) == ["1.png", "2.png", "3.png", "4.png", "5.png", "sampling.json"]
+    # the folder holds the images alone (a submission folder must); the record lies beside it
+    assert sorted(os.listdir(a)) == ["1.png", "2.png", "3.png", "4.png", "5.png"]
+    record = json.loads((tmp_path / "a.sampling.json").read_text())
+    assert record["n"] == 5 and record["images"] == str(a.resolve()) and f"record: {tmp_path / 'a.sampling.json'}" in out
     assert main(["sample", "--run", str(trained_run), "-n", "5", "--steps", "4", "--batch-size", "2",
                  "--out", str(b), "--format", "png", "--no-progress"]) == 0
     for k in range(1, 6):
@@ -74,8 +78,9 @@ def test_sample_start_writes_the_rest_of_one_sample_set(tmp_path, capsys, traine
     assert main(["sample", *common, "-n", "5", "--out", str(whole)]) == 0
     assert main(["sample", *common, "-n", "2", "--out", str(shard)]) == 0
     assert main(["sample", *common, "-n", "3", "--start", "2", "--out", str(shard)]) == 0
-    assert sorted(os.listdir(shard)) == ["1.png", "2.png", "3.png", "4.png", "5.png", "sampling-from-3.json", "sampling.json"]
-    assert json.loads((shard / "sampling-from-3.json").read_text())["start"] == 2
+    assert sorted(os.listdir(shard)) == ["1.png", "2.png", "3.png", "4.png", "5.png"]
+    assert json.loads((tmp_path / "shard.sampling-from-3.json").read_text())["start"] == 2
+    assert json.loads((tmp_path / "shard.sampling.json").read_text())["start"] == 0
     for k in range(1, 6):
         x = torch.tensor(np.array(Image.open(whole / f"{k}.png"))).int()
         y = torch.tensor(np.array(Image.open(shard / f"{k}.png"))).int()
@@ -137,12 +142,29 @@ def test_resume_continues_from_the_checkpoint(capsys, trained_run, tmp_path):
         (["sample", "--run", "{run}", "--steps", "5000"], "exceeds"),
         (["sample", "--run", "{run}", "--eta", "2"], "eta"),
         (["bogus"], "invalid choice"),
+        # found when tried as a new user would (issue 13)
+        (["sample", "--run", "{run}", "--out", "{file}"], "--out {file} is a file"),
+        (["sample", "--run", "{run}", "--grid", "{empty}"], "--grid {empty} is a folder"),
+        (["sample", "--run", "{run}", "--grid", "{tmp}/grid.gif"], "must end in .png"),
+        (["train", "--data", "{empty}", "--out", "{file}"], "--out {file} is a file"),  # before reading the data
+        (["train", "--data", "fashion-mnist", "--image-size", "7", "--out", "{tmp}/r"],
+         "--image-size 7: must be a multiple of 4 for this preset"),
+        (["train", "--data", "fashion-mnist", "--image-size", "18", "--out", "{tmp}/r", "--dry-run"],
+         "--image-size 18: must be a multiple of 4"),
+        (["train", "--out", "{tmp}/r1", "--resume"], "--out {tmp}/r1: not a difflab run directory (it does not exist)"),
+        (["sample", "--run", "{mismatch}"], "tensor(s) of another shape (first: "),
+        (["train", "--data", "fashion-mnist", "--batch-size", "7", "train.grad_accum=2", "--out", "{tmp}/r", "--dry-run"],
+         "train.batch_size=7 must be divisible by train.grad_accum=2"),
+        (["progress", "--run", "{run}", "--sampler", "ddim", "--variance", "fixed-large"], "--variance applies to the ddpm"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(tmp_path, capsys, trained_run, argv, message):
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, trained_run, mismatched_run, argv, message):
     empty = tmp_path / "empty"
     empty.mkdir()
-    argv = [a.format(tmp=tmp_path, empty=empty, run=trained_run) for a in argv]
+    file = tmp_path / "file.txt"
+    file.write_text("not a folder")
+    fmt = dict(tmp=tmp_path, empty=empty, run=trained_run, file=file, mismatch=mismatched_run)
+    argv, message = [a.format(**fmt) for a in argv], message.format(**fmt)
     code, _, err = run(capsys, *argv)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -150,17 +172,97 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, trained_run, argv, messa
     assert message in lines[0], lines[0]
 
 
+@pytest.fixture(scope="module")
+def mismatched_run(tmp_path_factory, trained_run):
+    """A copy of the tiny run whose config.json asks for a wider network than its weights hold."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("mismatch") / "run"
+    shutil.copytree(trained_run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["model"]["base_channels"] *= 2
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy
+
+
 def test_train_refuses_to_overwrite(capsys, trained_run, image_folder):
     code, _, err = run(capsys, "train", "--data", image_folder, "--out", trained_run, *TINY)
     assert code == 2 and "already holds a run" in err
 
 
+EVERY_COMMAND = ["train", "demo", "sample", "eval", "fid-stats", "noise", "progress", "animate", "curves", "compare"]
+
+
 def test_help_lists_every_command(capsys):
-    with pytest.raises(SystemExit):
+    """Every command is listed with its one-line help, and each answers --help with its own usage."""
+    from difflab.cli import commands
+
+    assert sorted(commands()) == sorted(EVERY_COMMAND)
+    with pytest.raises(SystemExit) as info:
         main(["--help"])
-    out = capsys.readouterr().out
-    for cmd in ["train", "sample", "demo"]:
-        assert cmd in out
+    assert info.value.code == 0
+    listed = capsys.readouterr().out
+    for name, (help_, _, _) in commands().items():
+        assert f"    {name}" in listed and help_.split()[0] in listed, name
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: difflab {name}"), name
+
+
+def test_version(capsys):
+    import difflab
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"difflab {difflab.__version__}"
+
+
+def test_sample_reads_the_runs_sampler_table(tmp_path, capsys, image_folder):
+    """A run trained with a [sampler] table samples that way unless flags say otherwise; another
+    --sampler starts from that sampler's own defaults."""
+    runs = tmp_path / "r"
+    assert main(["train", "--data", str(image_folder), "--out", str(runs), "--max-steps", "1", *TINY,
+                 "sampler.sampler=dpmpp-2m", "sampler.steps=3", "sampler.trailing=true"]) == 0
+
+    def sample(*flags):
+        assert main(["sample", "--run", str(runs), "-n", "1", "--no-progress", *flags]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        return json.loads(Path(out.split("record: ")[1].split(";")[0].strip()).read_text())
+
+    rec = sample()
+    assert rec["sampler"]["sampler"] == "dpmpp-2m" and rec["sampler"]["steps"] == 3 and rec["sampler"]["trailing"]
+    assert rec["images"] == str((runs / "samples" / "dpmpp-2m-3-trailing").resolve())
+    rec = sample("--steps", "5")
+    assert (rec["sampler"]["sampler"], rec["sampler"]["steps"], rec["sampler"]["trailing"]) == ("dpmpp-2m", 5, True)
+    assert sample("--no-trailing")["sampler"]["trailing"] is False
+    rec = sample("--sampler", "ddim", "--eta", "1")
+    assert (rec["sampler"]["sampler"], rec["sampler"]["steps"], rec["sampler"]["trailing"], rec["sampler"]["eta"]) == \
+        ("ddim", 50, False, 1.0)
+
+
+def test_warnings_keep_their_origin():
+    """difflab's own warnings print as one line; another library's keep Python's format (not relabelled).
+    Run in a fresh interpreter: pytest replaces the warning display in its own process."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, warnings
+from difflab.cli import main, sample
+from difflab.errors import DifflabWarning
+def noisy(args):
+    warnings.warn("3 files skipped", DifflabWarning)
+    warnings.warn("old API", FutureWarning)
+    return 0
+help_, add, _ = sample.COMMANDS["sample"]
+sample.COMMANDS["sample"] = (help_, add, noisy)
+sys.exit(main(["sample", "--run", "x"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "difflab: warning: 3 files skipped\n" in proc.stderr
+    assert "FutureWarning: old API" in proc.stderr and "difflab: warning: old API" not in proc.stderr
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -172,7 +274,7 @@ def test_signal_saves_a_checkpoint_before_exiting(tmp_path, image_folder, sig):
 
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "difflab.cli", "train", "--data", str(image_folder), "--out", str(out),
+        [sys.executable, "-m", "difflab", "train", "--data", str(image_folder), "--out", str(out),
          "--max-steps", "100000", *TINY, "train.log_every=1", "train.checkpoint_every=100000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

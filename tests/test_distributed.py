@@ -9,6 +9,26 @@ from PIL import Image
 
 from difflab.train import checkpoint as ckpt_mod
 
+# Each rank trains through the CLI's own code path, then writes the weights it ended with (only rank 0
+# writes the run directory, so the other rank's weights are otherwise invisible).
+RANK_SCRIPT = """
+import os, sys
+from pathlib import Path
+from safetensors.torch import save_file
+from difflab.config import resolve_config
+from difflab.train import Trainer
+
+data, out = sys.argv[1], Path(sys.argv[2])
+cfg = resolve_config(preset="tiny", flags={"data.source": data, "data.image_size": 16, "train.batch_size": 8,
+                                           "train.max_steps": 4},
+                     overrides=["train.sample_every=0", "train.precision=fp32", "train.checkpoint_every=2"])
+trainer = Trainer(cfg, out / "run", progress=False)
+trainer.run()
+rank = os.environ["RANK"]
+save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+save_file({k: v.contiguous() for k, v in trainer.ema.model.state_dict().items()}, str(out / f"ema{rank}.safetensors"))
+"""
+
 
 def test_torchrun_two_processes(tmp_path):
     data = tmp_path / "imgs"
@@ -16,15 +36,23 @@ def test_torchrun_two_processes(tmp_path):
     g = torch.Generator().manual_seed(0)
     for k in range(32):
         Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(data / f"{k}.png")
-    out = tmp_path / "run"
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "difflab.cli", "train", "--data", str(data), "--out", str(out), "--preset", "tiny",
-           "--image-size", "16", "--batch-size", "8", "--max-steps", "4", "--no-progress",
-           "train.sample_every=0", "train.precision=fp32", "train.checkpoint_every=2"]
+           str(script), str(data), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "run"
     state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4 and state["images_seen"] == 32
-    weights = ckpt_mod.load_tensors(out / "model.safetensors")
-    assert all(bool(v.isfinite().all()) for v in weights.values())
+    saved = ckpt_mod.load_tensors(out / "model.safetensors")
+    start = ckpt_mod.load_tensors(out / "checkpoints" / "step-0000002" / "model.safetensors")
+    ranks = [ckpt_mod.load_tensors(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    emas = [ckpt_mod.load_tensors(tmp_path / f"ema{r}.safetensors") for r in (0, 1)]
+    for name, value in saved.items():
+        # the ranks saw different images, yet all-reduced gradients keep them bit-identical
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.equal(emas[0][name], emas[1][name]), name
+        assert torch.equal(ranks[0][name], value) and bool(value.isfinite().all())
+    assert any(not torch.equal(start[k], saved[k]) for k in saved)  # training moved the weights

@@ -24,9 +24,8 @@ from PIL import Image
 from difflab.data.images import SkippedImagesWarning, find_images, open_image
 from difflab.errors import ConfigError, DataError
 from difflab.metrics import detect as det
-from difflab.metrics.evaluate import (
-    EvalConfig, add_eval_arguments, add_fid_stats_arguments, run_eval, run_fid_stats,
-)
+from difflab.cli.evaluate import add_eval_arguments, add_fid_stats_arguments, run_eval, run_fid_stats
+from difflab.metrics.evaluate import EvalConfig
 from difflab.metrics.features import folder_digest, load_stats
 from difflab.metrics.fid import (
     fid_from_features, frechet_distance, gaussian_stats, trace_sqrt_product, trace_sqrt_product_lowrank,
@@ -567,13 +566,23 @@ def test_detection_rate_on_1000_faces(kind: str, face_files: list[Path], lbp_cas
     assert _rate(d, faces) >= 0.85
 
 
-def test_cli_registers_eval_and_fid_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from difflab.metrics.cli import COMMANDS
-
-    assert COMMANDS["eval"][1:] == (add_eval_arguments, run_eval)
-    assert COMMANDS["fid-stats"][1:] == (add_fid_stats_arguments, run_fid_stats)
+def test_cli_runs_eval_and_fid_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str], face_files: list[Path],
+                                     lbp_cascade_path: Path) -> None:
+    """`difflab eval` and `difflab fid-stats` reach their code through the CLI: a detection run on real
+    faces writes its JSON and finds faces; bad input to either is one line, exit 2."""
     from difflab import cli
 
-    assert cli.main(["eval", "--fake", str(tmp_path / "none"), "--metrics", "detect"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
+    fake = _link_folder(tmp_path / "fake", face_files[:12])
+    out = tmp_path / "scores.json"
+    assert cli.main(["eval", "--fake", str(fake), "--metrics", "detect", "--detectors", "lbp", "--cascade",
+                     str(lbp_cascade_path), "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "detect rate (lbp)" in printed and f"wrote {out}" in printed
+    r = json.loads(out.read_text())
+    assert r["n_fake"] == 12 and r["detect_rate_lbp"] >= 0.5 and r["fid"] is None
+    for argv, message in [(["eval", "--fake", str(tmp_path / "none"), "--metrics", "detect"], "does not exist"),
+                          (["fid-stats", str(tmp_path / "none")], "does not exist"),
+                          (["fid-stats", str(fake), "--out", str(tmp_path)], "is a folder")]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, argv

@@ -305,7 +305,7 @@ def test_cli_sample_with_the_new_samplers(tmp_path, capsys):
         out = tmp_path / sampler
         argv = ["sample", "--run", run, "-n", 2, "--sampler", sampler, "--steps", 3, "--out", out, "--no-progress", *extra]
         assert main([str(a) for a in argv]) == 0
-        meta = json.loads((out / "sampling.json").read_text())
+        meta = json.loads((tmp_path / f"{sampler}.sampling.json").read_text())
         assert meta["nfe_per_image"] == nfe_expected and meta["grid_kind"] == grid and (out / "2.jpg").is_file()
         assert meta["sampler"]["trailing"] == ("--trailing" in extra)
     capsys.readouterr()

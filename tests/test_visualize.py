@@ -279,6 +279,37 @@ def test_compare_detection_rate(tmp_path, capsys, tiny_run, lbp_cascade_path):
     assert "detection rate" in (out / "compare.md").read_text().splitlines()[0]
 
 
+def test_compare_detection_rate_finds_faces(tmp_path, anime_faces_dir, lbp_cascade_path):
+    """The positive case: a 'model' whose x0 prediction is a real anime face makes every sampler's
+    images that face, and compare must report them detected (a detector that never fires fails here)."""
+    from difflab.data.dataset import to_float
+    from difflab.data.images import open_image, resize_center_crop
+    from difflab.denoiser import Denoiser
+    from difflab.metrics.detect import DetectProtocol, make_detector, prepare_image
+    from difflab.visualize.compare import run_comparison
+
+    detector = make_detector("lbp", cascade=str(lbp_cascade_path))
+    faces = (resize_center_crop(open_image(p), 64) for p in sorted(anime_faces_dir.iterdir())[:50])
+    face = next(f for f in faces if detector.count(prepare_image(f, DetectProtocol())) > 0)  # one it finds
+    x0 = to_float(torch.from_numpy(np.array(face)).permute(2, 0, 1)[None])
+
+    class FaceNet(torch.nn.Module):  # predicts that face, whatever the noisy input
+        def forward(self, x, t):
+            return x0.expand(len(x), -1, -1, -1)
+
+    class FaceRun:  # what run_comparison reads from a LoadedRun
+        path, step, image_shape = tmp_path, 0, (3, 64, 64)
+        schedule = NoiseSchedule.from_name("linear", T)
+
+        def denoiser(self, clip, precision):
+            return Denoiser(FaceNet(), self.schedule, "x0", clip=clip)
+
+    result = run_comparison(FaceRun(), parse_sampler_specs("ddim-3,dpmpp-2m-4", T), n=3, out=tmp_path / "cmp",
+                            eval_kwargs={"metrics": "detect", "detectors": "lbp", "cascade": str(lbp_cascade_path)},
+                            progress=False)
+    assert [row["detect_rate"] for row in result["rows"]] == [1.0, 1.0]
+
+
 @pytest.mark.slow
 def test_compare_fid_kid_against_a_folder(tmp_path, capsys, tiny_run, fid_weights):
     weights = fid_weights

@@ -105,6 +105,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and 0 <= self.min_lr_ratio <= 1):
             raise ConfigError("train.adam_beta1/adam_beta2 must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum} "
+                              "(each optimizer step adds up grad_accum equal micro-batches)")
 
 
 @dataclass(frozen=True)
@@ -218,10 +221,14 @@ def parse_override_value(tp: Any, text: str, where: str) -> Any:
 
 def apply_overrides(cfg: Any, overrides: Sequence[str] | Mapping[str, Any]) -> Any:
     """Return ``cfg`` with dotted-key overrides applied (strings parsed by field type)."""
-    items = overrides.items() if isinstance(overrides, Mapping) else [_split(o) for o in overrides]
-    for key, value in items:
-        cfg = _set(cfg, key.split("."), value, key)
+    for key, value in _items(overrides):
+        path = key.split(".")
+        cfg = _replace_path(cfg, path, _parse(_leaf_type(type(cfg), path, key), value, key))
     return cfg
+
+
+def _items(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    return list(overrides.items()) if isinstance(overrides, Mapping) else [_split(o) for o in overrides]
 
 
 def _split(text: str) -> tuple[str, str]:
@@ -231,20 +238,28 @@ def _split(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
-    names = [f.name for f in dataclasses.fields(obj)]
-    if path[0] not in names:
-        raise ConfigError(f"unknown option {full!r}: {type(obj).__name__} has {', '.join(names)}")
-    tp = _hints(type(obj))[path[0]]
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(tp):
+def _leaf_type(cls: Any, path: list[str], full: str) -> Any:
+    """The type of the field at dotted ``path`` inside dataclass ``cls``; unknown names and groups are errors."""
+    tp: Any = cls
+    for i, name in enumerate(path):
+        names = [f.name for f in dataclasses.fields(tp)]
+        if name not in names:
+            raise ConfigError(f"unknown option {full!r}: {tp.__name__} has {', '.join(names)}")
+        tp = _hints(tp)[name]
+        if i < len(path) - 1 and not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown option {full!r}")
-        new = _set(getattr(obj, path[0]), path[1:], value, full)
-    elif dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp):
         raise ConfigError(f"{full!r} is a group of options; set one of its fields, e.g. {full}.<name>=...")
-    else:
-        new = parse_override_value(tp, value, full) if isinstance(value, str) else _coerce(tp, value, full)
-    return dataclasses.replace(obj, **{path[0]: new})
+    return tp
+
+
+def _parse(tp: Any, value: Any, full: str) -> Any:
+    return parse_override_value(tp, value, full) if isinstance(value, str) else _coerce(tp, value, full)
+
+
+def _replace_path(obj: Any, path: list[str], new: Any) -> Any:
+    inner = new if len(path) == 1 else _replace_path(getattr(obj, path[0]), path[1:], new)
+    return dataclasses.replace(obj, **{path[0]: inner})
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -277,7 +292,9 @@ def resolve_config(
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
 ) -> RunConfig:
-    """Defaults < preset < TOML file < flags < overrides. Model image size/channels follow the data."""
+    """Defaults < preset < TOML file < flags < overrides. The network's image size and channels follow
+    the data section (whichever of those set it) unless ``model.image_size`` / ``model.in_channels``
+    are given themselves."""
     base = RunConfig()
     raw = to_dict(base)
     name = preset or (toml or {}).get("preset") or base.preset
@@ -297,15 +314,34 @@ def resolve_config(
         if value is not None:
             sec, name_ = key.split(".", 1)
             raw[sec][name_] = value
-    # The network is built for the data: image size and channels come from the data section
-    # unless a model.* override says otherwise (then the consistency check reports the clash).
-    raw["model"] = _resize_model(raw["model"], raw["data"]["image_size"])
-    if raw["data"].get("channels"):
-        raw["model"]["in_channels"] = raw["data"]["channels"]
-    elif raw["data"]["source"] == "fashion-mnist":
-        raw["model"]["in_channels"] = 1
-    cfg = from_dict(RunConfig, raw)
-    return apply_overrides(cfg, overrides)
+    explicit = set()
+    for key, value in _items(overrides):
+        path = key.split(".")
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = to_dict(_parse(_leaf_type(RunConfig, path, key), value, key))
+        explicit.add(key)
+    # The network is built for the data: image size and channels come from the data section unless
+    # model.* says otherwise (then RunConfig's consistency check reports a clash).
+    if "model.image_size" not in explicit:
+        _check_image_size(raw["data"]["image_size"], raw["model"], name)
+        raw["model"] = _resize_model(raw["model"], raw["data"]["image_size"])
+    if "model.in_channels" not in explicit:
+        if raw["data"].get("channels"):
+            raw["model"]["in_channels"] = raw["data"]["channels"]
+        elif raw["data"]["source"] == "fashion-mnist":
+            raw["model"]["in_channels"] = 1
+    return from_dict(RunConfig, raw)
+
+
+def _check_image_size(size: Any, model: dict, preset: str) -> None:
+    """The network halves the image once per level after the first: name the flag, not the field."""
+    mults = model.get("channel_mults") or ()
+    factor = 2 ** (len(mults) - 1)
+    if isinstance(size, int) and not isinstance(size, bool) and size % factor:
+        raise ConfigError(f"--image-size {size}: must be a multiple of {factor} for this preset "
+                          f"({preset}: {len(mults)} levels, model.channel_mults={','.join(map(str, mults))})")
 
 
 def _resize_model(model: dict, size: int) -> dict:

@@ -1,7 +1,8 @@
 """Errors a user can cause, and the one helper that checks option names.
 
 Anything raised as a :class:`DifflabError` is reported by the CLI as a single line
-(``difflab: error: ...``) with exit status 2, never as a traceback.
+(``difflab: error: ...``) with exit status 2, never as a traceback; a :class:`DifflabWarning` as
+``difflab: warning: ...``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class DataError(DifflabError):
 
 class CheckpointError(DifflabError):
     """A run directory or checkpoint is missing or damaged."""
+
+
+class DifflabWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as one line)."""
 
 
 def parse_choice(enum_cls: type[E], value: object, what: str) -> E:

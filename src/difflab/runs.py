@@ -1,8 +1,17 @@
-"""Load a trained run directory for sampling: config.json + ema/model safetensors."""
+"""Load a trained run directory for sampling: config.json + ema/model safetensors.
+
+``load_run(path)`` gives a :class:`LoadedRun`: its config, network (EMA weights by default), schedule
+and step; ``LoadedRun.denoiser()`` is the network as a sampler's denoiser on the fast path::
+
+    from difflab import load_run, sample
+    run = load_run("runs/faces")
+    images = sample(run.denoiser(), 16, run.image_shape, run.config.sampler)   # floats in [-1, 1]
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -14,7 +23,14 @@ from difflab.models.unet import UNet
 from difflab.parametrization import LossConfig, Prediction
 from difflab.precision import autocast_dtype, require_compiler
 from difflab.schedule import NoiseSchedule
-from difflab.train.checkpoint import CONFIG, latest_checkpoint, require_run
+from difflab.train.checkpoint import CONFIG, latest_checkpoint, load_weights, require_run
+
+
+class Weights(str, Enum):
+    """Which weights of a run to load."""
+
+    EMA = "ema"  # the exponential moving average: what to sample from
+    MODEL = "model"  # the raw weights of the last step
 
 
 def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, objective: LossConfig | Prediction | str, *, clip: Clip | str = Clip.CLIP,
@@ -54,19 +70,16 @@ class LoadedRun:
         return (m.in_channels, m.image_size, m.image_size)
 
 
-def load_run(run_dir: str | os.PathLike[str], *, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weights.EMA,
+             device: str | torch.device = "cpu") -> LoadedRun:
     """The run's network with its EMA (default) or raw weights from the latest checkpoint, in eval mode."""
-    if weights not in ("ema", "model"):
-        raise CheckpointError(f"--weights must be 'ema' or 'model', got {weights!r}")
+    weights = parse_choice(Weights, weights, "--weights")
     run = require_run(run_dir)
     cfg = RunConfig.load(run / CONFIG)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise CheckpointError(f"--run {run_dir}: no checkpoint has been saved yet")
     model = UNet(cfg.model)
-    try:
-        model.load_state_dict(ckpt.tensors(weights))
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt.path}/{weights}.safetensors does not match {run / CONFIG}: {str(e).splitlines()[0]}") from None
+    load_weights(model, ckpt.tensors(weights.value), ckpt.path / f"{weights.value}.safetensors", run / CONFIG)
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"])

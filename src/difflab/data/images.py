@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from difflab.errors import ConfigError, DataError
+from difflab.errors import ConfigError, DataError, DifflabWarning
 from difflab.io import atomic_path, atomic_write_json, cache_dir
 
 __all__ = [
@@ -70,7 +70,7 @@ class BadImageError(DataError):
     """A file that should be an image cannot be decoded."""
 
 
-class SkippedImagesWarning(UserWarning):
+class SkippedImagesWarning(DifflabWarning):
     """Some files in an image folder could not be decoded and were left out."""
 
 
@@ -364,10 +364,10 @@ def _read_cache(npy: Path, meta: Path, key: str, image_size: int, channels: int)
         skipped = tuple((str(p), str(r)) for p, r in info["skipped"])
         arr = np.load(npy, allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError, EOFError):
-        warnings.warn(f"difflab: image cache {npy} is damaged; decoding the folder again", stacklevel=3)
+        warnings.warn(f"image cache {npy} is damaged; decoding the folder again", DifflabWarning, stacklevel=3)
         return None
     if arr.dtype != np.uint8 or arr.shape != (len(paths), channels, image_size, image_size):
-        warnings.warn(f"difflab: image cache {npy} does not match its index; decoding the folder again", stacklevel=3)
+        warnings.warn(f"image cache {npy} does not match its index; decoding the folder again", DifflabWarning, stacklevel=3)
         return None
     return FolderImages(torch.from_numpy(np.ascontiguousarray(arr)), paths, skipped)
 
@@ -389,7 +389,7 @@ def _write_cache(npy: Path, meta: Path, key: str, root: Path, result: FolderImag
             "skipped": [list(s) for s in result.skipped],
         })
     except OSError as e:  # a full or read-only cache disk must not lose the decoded data
-        warnings.warn(f"difflab: could not write image cache {npy}: {e}", stacklevel=3)
+        warnings.warn(f"could not write image cache {npy}: {e}", DifflabWarning, stacklevel=3)
 
 
 def warn_skipped(root: str | os.PathLike[str], skipped: Sequence[tuple[str, str]], total: int,

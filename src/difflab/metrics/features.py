@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difflab.errors import DataError
+from difflab.errors import DataError, DifflabWarning
 from difflab.io import atomic_path, cache_dir
 from difflab.metrics.fid import GaussianStats, gaussian_stats
 from difflab.metrics.inception import InceptionFeatures
@@ -216,12 +216,12 @@ def reference_stats(root: str | os.PathLike[str], extractor: InceptionFeatures, 
                 scan.warn_skipped(len(scan.files))
                 return ref, cached, True
         except DataError as e:
-            warnings.warn(f"difflab: ignoring a damaged stats cache file: {e}", stacklevel=2)
+            warnings.warn(f"ignoring a damaged stats cache file: {e}", DifflabWarning, stacklevel=2)
     feats = folder_features(scan, extractor, progress=progress, desc=f"inception {scan.root.name}")
     ref = ReferenceStats(feats, gaussian_stats(feats, str(scan.root)), tuple(scan.paths), tuple(scan.skipped),
                          protocol, digest, str(scan.root.resolve()))
     try:
         save_stats(cached, ref)
     except OSError as e:  # a full or read-only cache must not lose the result
-        warnings.warn(f"difflab: could not write the stats cache {cached}: {e}", stacklevel=2)
+        warnings.warn(f"could not write the stats cache {cached}: {e}", DifflabWarning, stacklevel=2)
     return ref, cached, False

@@ -151,8 +151,31 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return Checkpoint(path=path, state=state)
 
 
-def require_run(run_dir: str | os.PathLike[str]) -> Path:
+def require_run(run_dir: str | os.PathLike[str], flag: str = "--run") -> Path:
+    """``run_dir`` as a Path, or a one-line error naming ``flag`` when it holds no run."""
     run = Path(run_dir)
     if not (run / CONFIG).is_file():
-        raise CheckpointError(f"--run {run_dir}: not a difflab run directory (no {CONFIG})")
+        what = "does not exist" if not run.exists() else "is a file" if not run.is_dir() else f"holds no {CONFIG}"
+        raise CheckpointError(f"{flag} {run_dir}: not a difflab run directory (it {what})")
     return run
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, config: Path) -> None:
+    """``module.load_state_dict(tensors)``, or one line that says how the file and the config differ:
+    how many tensors have another shape, are missing or are extra, with the first of each named."""
+    own = module.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in tensors]
+    extra = [k for k in tensors if k not in own]
+    problems = []
+    if shapes:
+        k, theirs, ours = shapes[0]
+        problems.append(f"{len(shapes)} tensor(s) of another shape (first: {k} is {list(theirs)} in the file, "
+                        f"{list(ours)} for the config)")
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} the config has no place for (first: {extra[0]})")
+    if problems:
+        raise CheckpointError(f"{source} does not match {config}: " + "; ".join(problems))
+    module.load_state_dict(tensors)

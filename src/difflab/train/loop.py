@@ -39,10 +39,12 @@ from difflab.models.unet import UNet
 from difflab.precision import autocast_dtype, require_compiler
 from difflab.samplers import SamplerConfig, sample
 from difflab.schedule import NoiseSchedule
-from difflab.train.checkpoint import CONFIG, latest_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from difflab.train.checkpoint import (
+    CONFIG, latest_checkpoint, load_weights, optimizer_from_tensors, optimizer_to_tensors, require_run, save_checkpoint,
+)
 from difflab.train.ema import EMA
 from difflab.train.tensorboard import TensorBoardLog, require_tensorboard
-from difflab.viz import make_grid, save_grid
+from difflab.visualize.images import make_grid, save_grid
 
 PREVIEW_SAMPLER = SamplerConfig(sampler="ddim", steps=25, eta=1.0)  # stochastic: kinder to young models
 
@@ -116,6 +118,7 @@ class Trainer:
                 f"train.batch_size={tc.batch_size} must be divisible by world_size * grad_accum = {per_step}"
             )
         self.micro_batch = tc.batch_size // per_step
+        self._check_run_dir(resume)  # before minutes of decoding data
         if device is None:
             device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -161,10 +164,16 @@ class Trainer:
         if resume:
             self._restore()
         elif self.dist.is_main:
-            if (self.run_dir / CONFIG).exists():
-                raise CheckpointError(f"--out {self.run_dir} already holds a run; pass --resume or choose another --out")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / CONFIG, cfg.to_json().encode())
+
+    def _check_run_dir(self, resume: bool) -> None:
+        if resume:
+            require_run(self.run_dir, "--out")
+        elif self.run_dir.exists() and not self.run_dir.is_dir():
+            raise CheckpointError(f"--out {self.run_dir} is a file; give a folder for the run")
+        elif (self.run_dir / CONFIG).exists():
+            raise CheckpointError(f"--out {self.run_dir} already holds a run; pass --resume or choose another --out")
 
     # -- data --------------------------------------------------------------------------
     def _load_data(self) -> ImageData:
@@ -346,8 +355,8 @@ class Trainer:
                 f"--resume: run {self.run_dir} was trained with {st.get('world_size')} processes, not "
                 f"{self.dist.world_size}; the data order would change"
             )
-        _load_state(self.model, ckpt.tensors("model"), ckpt.path / "model.safetensors")
-        _load_state(self.ema.model, ckpt.tensors("ema"), ckpt.path / "ema.safetensors")
+        load_weights(self.model, ckpt.tensors("model"), ckpt.path / "model.safetensors", self.run_dir / CONFIG)
+        load_weights(self.ema.model, ckpt.tensors("ema"), ckpt.path / "ema.safetensors", self.run_dir / CONFIG)
         ts = ckpt.tensors("train_state")
         optimizer_from_tensors(self.optimizer, {k[6:]: v for k, v in ts.items() if k.startswith("optim.")}, st["optimizer"])
         self.gen.set_state(ts["rng.train"])
@@ -355,9 +364,3 @@ class Trainer:
         self.step, self.images_seen = st["step"], st["images_seen"]
         self.epoch, self.pos, self.elapsed = st["epoch"], st["pos"], st["elapsed_seconds"]
 
-
-def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        module.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match the run's model config: {str(e).splitlines()[0]}") from None

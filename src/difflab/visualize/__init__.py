@@ -2,7 +2,7 @@
 training curves and a sampler comparison. Figures use matplotlib's Agg canvas (no pyplot, no
 global state); images and GIFs use Pillow.
 
-Commands (``difflab.visualize.cli.COMMANDS``): ``noise``, ``progress``, ``animate``, ``curves``,
+Commands (:mod:`difflab.cli.visualize`): ``noise``, ``progress``, ``animate``, ``curves``,
 ``compare``. See ``docs/how-diffusion-works.md`` for a walk-through on a real run.
 """
 from difflab.visualize.progress import Trajectory, frame_indices, record_trajectory

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from difflab.data.dataset import to_uint8
 from difflab.errors import ConfigError
 from difflab.io import atomic_path
-from difflab.viz import make_grid, to_pil
+from difflab.visualize.images import make_grid, to_pil
 from difflab.visualize.progress import Trajectory, sampler_name
 
 HEADER = 22  # pixels of the caption band above the images (plus a 3 px progress bar)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.config import to_dict
-from difflab.errors import ConfigError, DifflabError, parse_choice
+from difflab.errors import ConfigError
 from difflab.samplers import SamplerConfig, SamplerKind, make_grid, sample_batches
 from difflab.samplers.noise import randn
 
@@ -63,10 +63,8 @@ def parse_sampler_spec(text: str, num_timesteps: int) -> SamplerSpec:
     if not kind_text:
         raise ConfigError(f"--samplers: empty sampler name in {text!r}")
     try:
-        kind = parse_choice(SamplerKind, kind_text, "sampler")
-        if steps is None:
-            steps = num_timesteps if kind is SamplerKind.DDPM else min(50, num_timesteps)
-        cfg = SamplerConfig(sampler=kind, steps=steps, eta=eta, trailing=trailing)
+        cfg = SamplerConfig.default_for(kind_text, steps=steps, eta=eta, trailing=trailing)
+        kind, steps = cfg.sampler, cfg.num_steps(num_timesteps)
     except ConfigError as e:
         raise ConfigError(f"--samplers {spec!r}: {e} (a spec is KIND[-STEPS][-etaETA][-trailing], e.g. ddim-50-eta1)") from None
     if steps + trailing > num_timesteps and not cfg.grid_kind.in_sigma:  # integer grids stop at T; sigma grids do not
@@ -104,7 +102,7 @@ class _CallCounter:
 def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir: Path, *, seed: int,
              batch_size: int, fmt: str = "png", progress: bool = True) -> dict[str, Any]:
     """Sample ``n`` images with ``spec`` into ``out_dir`` (1.png ...); time the sampling alone."""
-    from difflab.viz import save_numbered
+    from difflab.visualize.images import save_numbered
 
     grid = make_grid(denoiser.schedule, spec.config)  # fail before any work
     if out_dir.is_dir():  # a previous comparison's images (maybe more of them) must not be scored with ours
@@ -283,7 +281,3 @@ def samples_figure(result: dict[str, Any], firsts: Sequence[torch.Tensor]):
                              row_titles=[r["sampler"] for r in result["rows"]],
                              panel_titles=["Same initial noise, different samplers"])
 
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise DifflabError(f"--out {out} is a file, not a folder")

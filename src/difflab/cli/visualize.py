@@ -1,44 +1,16 @@
-"""The ``noise``, ``progress``, ``animate``, ``curves`` and ``compare`` subcommands, for ``difflab.cli``.
-
-``COMMANDS`` maps each name to (help, add_arguments(parser), run(args) -> exit code); bad input
-raises :class:`difflab.errors.DifflabError` subclasses, which the CLI prints as one line.
-"""
+"""The commands that show the process: ``noise``, ``progress``, ``animate``, ``curves`` and ``compare``
+(the figures themselves are :mod:`difflab.visualize`'s)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
 
-from difflab.cli import _positive_int, add_precision_argument  # one definition of the CLI's argument types
+from difflab.cli.common import (
+    Command, add_run_options, add_sampler_options, out_file, out_folder, positive_int, sampler_config,
+)
 from difflab.errors import ConfigError, DataError
 
-__all__ = ["COMMANDS"]
-
-
-def _out_file(path: str, flag: str, suffix: str) -> Path:
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"{flag} {out} is a folder; give a file name ending in {suffix}")
-    if out.suffix.lower() != suffix:
-        raise ConfigError(f"{flag} {out}: must end in {suffix}")
-    return out
-
-
-def _add_sampler_arguments(p: argparse.ArgumentParser, default: str) -> None:
-    from difflab.samplers import GridKind, SamplerKind, Spacing
-
-    p.add_argument("--run", required=True, help="a run directory made by `difflab train`")
-    p.add_argument("--sampler", default=default, choices=[k.value for k in SamplerKind], help=f"default {default}")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm every training step, else 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM-like (default 0)")
-    p.add_argument("--grid-kind", choices=[k.value for k in GridKind], help="step grid (default: the sampler's own)")
-    p.add_argument("--spacing", default="uniform", choices=[s.value for s in Spacing],
-                   help="older name for --grid-kind uniform|quadratic")
-    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
-    p.add_argument("--clip", default="clip", choices=["none", "clip", "dynamic"],
-                   help="x0_hat clipping to [-1, 1] at each step, as in `difflab sample` (default clip)")
-    p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k), as in `difflab sample`")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+TRAJECTORY_SAMPLER = "ddpm"  # progress and animate show the full reverse process unless asked otherwise
 
 
 def _trajectory(args: argparse.Namespace, n: int, frames: int):
@@ -47,10 +19,9 @@ def _trajectory(args: argparse.Namespace, n: int, frames: int):
     from difflab.visualize.progress import record_trajectory
 
     run = load_run(args.run, weights=args.weights)
-    steps = args.steps if args.steps is not None else (None if args.sampler == "ddpm" else 50)
-    cfg = SamplerConfig(sampler=args.sampler, steps=steps, eta=args.eta, spacing=args.spacing, grid=args.grid_kind)
-    traj = record_trajectory(run.denoiser(args.clip), n, run.image_shape, cfg, frames=frames, seed=args.seed,
-                             progress=not args.no_progress)
+    cfg = sampler_config(args, SamplerConfig.default_for(TRAJECTORY_SAMPLER))
+    traj = record_trajectory(run.denoiser(args.clip, args.precision), n, run.image_shape, cfg, frames=frames,
+                             seed=args.seed, progress=not args.no_progress)
     return run, traj
 
 
@@ -64,7 +35,7 @@ def add_noise_arguments(p: argparse.ArgumentParser) -> None:
                         "sigmoid-alphabar (default linear)")
     p.add_argument("--timesteps", default=",".join(map(str, DEFAULT_TIMESTEPS)),
                    help="comma list of t (0-based) to show (default %(default)s)")
-    p.add_argument("-T", "--num-timesteps", type=_positive_int, default=1000, help="schedule length T (default 1000)")
+    p.add_argument("-T", "--num-timesteps", type=positive_int, default=1000, help="schedule length T (default 1000)")
     p.add_argument("--size", type=int, default=64, help="centre-crop and resize the image to this (0: keep; default 64)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="3 = RGB (default), 1 = grey")
     p.add_argument("--seed", type=int, default=0, help="seed of the one noise draw used in every picture")
@@ -85,12 +56,12 @@ def run_noise(args: argparse.Namespace) -> int:
     schedules = parse_schedules(args.schedule, args.num_timesteps)
     written = []
     if args.image:
-        out = _out_file(args.out, "--out", ".png")
+        out = out_file(args.out, "--out", (".png",))
         ts = parse_timesteps(args.timesteps, args.num_timesteps)
         x0 = load_image(args.image, args.size or None, args.channels)
         written.append(save_figure(noise_strip_figure(x0, schedules, ts, seed=args.seed), out))
     if args.compare_schedules:
-        out = _out_file(args.schedules_out, "--schedules-out", ".png")
+        out = out_file(args.schedules_out, "--schedules-out", (".png",))
         written.append(save_figure(schedules_figure(args.num_timesteps), out))
     print("wrote " + ", ".join(map(str, written)))
     return 0
@@ -98,10 +69,12 @@ def run_noise(args: argparse.Namespace) -> int:
 
 # -- progress -----------------------------------------------------------------------------------
 def add_progress_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", type=_positive_int, default=5, help="number of images, one row each (default 5)")
-    p.add_argument("--frames", type=_positive_int, default=10,
+    p.add_argument("-n", type=positive_int, default=5, help="number of images, one row each (default 5)")
+    p.add_argument("--frames", type=positive_int, default=10,
                    help="columns from x_T to x_0, evenly spaced in sampler steps (default 10)")
-    _add_sampler_arguments(p, default="ddpm")
+    add_run_options(p)
+    add_sampler_options(p, default=TRAJECTORY_SAMPLER)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-x0", action="store_true", help="leave out the second panel (the predicted x_0 at each step)")
     p.add_argument("--out", help="the figure (PNG; default RUN/progress-<sampler>-<steps>.png)")
     p.add_argument("--npz", help="also save the kept states as arrays (x, x0: frames x n x C x H x W uint8; t)")
@@ -116,9 +89,9 @@ def run_progress(args: argparse.Namespace) -> int:
     from difflab.visualize.progress import progress_figure
 
     if args.out:
-        _out_file(args.out, "--out", ".png")
+        out_file(args.out, "--out", (".png",))
     if args.npz:
-        _out_file(args.npz, "--npz", ".npz")
+        out_file(args.npz, "--npz", (".npz",))
     run, traj = _trajectory(args, args.n, args.frames)
     out = Path(args.out) if args.out else run.path / f"progress-{traj.sampler.sampler.value}-{traj.num_steps}.png"
     fig = progress_figure(traj, show_x0=not args.no_x0)
@@ -137,20 +110,22 @@ def run_progress(args: argparse.Namespace) -> int:
 # -- animate ------------------------------------------------------------------------------------
 def add_animate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="the GIF (default RUN/denoise.gif)")
-    p.add_argument("-n", type=_positive_int, default=4, help="samples side by side (default 4)")
-    p.add_argument("--frames", type=_positive_int, default=40, help="animation frames from x_T to x_0 (default 40)")
-    p.add_argument("--duration", type=_positive_int, default=100, help="milliseconds per frame (default 100)")
-    p.add_argument("--hold", type=_positive_int, default=2000, help="milliseconds on the final frame (default 2000)")
-    p.add_argument("--scale", type=_positive_int, default=3, help="pixel magnification (default 3)")
+    p.add_argument("-n", type=positive_int, default=4, help="samples side by side (default 4)")
+    p.add_argument("--frames", type=positive_int, default=40, help="animation frames from x_T to x_0 (default 40)")
+    p.add_argument("--duration", type=positive_int, default=100, help="milliseconds per frame (default 100)")
+    p.add_argument("--hold", type=positive_int, default=2000, help="milliseconds on the final frame (default 2000)")
+    p.add_argument("--scale", type=positive_int, default=3, help="pixel magnification (default 3)")
     p.add_argument("--x0", action="store_true", help="add a second row: the predicted x_0 at each frame")
-    _add_sampler_arguments(p, default="ddpm")
+    add_run_options(p)
+    add_sampler_options(p, default=TRAJECTORY_SAMPLER)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_animate(args: argparse.Namespace) -> int:
     from difflab.visualize.animate import animation_frames, save_gif
 
     if args.out:
-        _out_file(args.out, "--out", ".gif")
+        out_file(args.out, "--out", (".gif",))
     run, traj = _trajectory(args, args.n, args.frames)
     out = Path(args.out) if args.out else run.path / "denoise.gif"
     frames = animation_frames(traj, scale=args.scale, show_x0=args.x0)
@@ -176,7 +151,7 @@ def run_curves(args: argparse.Namespace) -> int:
 
     if not 0 <= args.smooth < 1:
         raise ConfigError(f"--smooth must be in [0, 1), got {args.smooth}")
-    out = _out_file(args.out, "--out", ".png") if args.out else None
+    out = out_file(args.out, "--out", (".png",)) if args.out else None
     run = require_run(args.run)
     cfg = RunConfig.load(run / CONFIG)
     log = read_log(run / "log.jsonl")
@@ -190,8 +165,8 @@ def run_curves(args: argparse.Namespace) -> int:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.visualize.compare import DEFAULT_SAMPLERS
 
-    p.add_argument("--run", required=True, help="a run directory made by `difflab train`")
-    p.add_argument("-n", type=_positive_int, default=1000, help="images per sampler (default 1000)")
+    add_run_options(p)
+    p.add_argument("-n", type=positive_int, default=1000, help="images per sampler (default 1000)")
     p.add_argument("--samplers", default=DEFAULT_SAMPLERS,
                    help="comma list of KIND[-STEPS][-etaETA] (default %(default)s; ddpm alone = every training step)")
     p.add_argument("--real", metavar="DIR|NPZ", help="real images (folder or `difflab fid-stats` file) for FID and KID")
@@ -199,14 +174,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detectors", default="lbp,animeface", help="for detect: comma list of lbp, animeface")
     p.add_argument("--cascade", metavar="FILE", help="lbpcascade_animeface.xml for the lbp detector (default: search)")
     p.add_argument("--fid-weights", metavar="FILE", help="the FID network file (see `difflab eval --help`)")
-    p.add_argument("--kid-subset-size", type=_positive_int, default=1000, help="KID subset size (default 1000)")
+    p.add_argument("--kid-subset-size", type=positive_int, default=1000, help="KID subset size (default 1000)")
     p.add_argument("--out", help="output folder (default RUN/compare): images per sampler, compare.md/.json/.png")
-    p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k) with every sampler")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
-    p.add_argument("--clip", default="clip", choices=["none", "clip", "dynamic"],
-                   help="x0_hat clipping to [-1, 1] at each step, as in `difflab sample` (default clip)")
-    add_precision_argument(p)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -214,7 +184,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from difflab.io import atomic_write_bytes, atomic_write_json
     from difflab.runs import load_run
     from difflab.visualize.compare import (
-        check_out_dir, comparison_figure, markdown_table, parse_sampler_specs, run_comparison, samples_figure,
+        comparison_figure, markdown_table, parse_sampler_specs, run_comparison, samples_figure,
     )
     from difflab.visualize.figure import save_figure
 
@@ -230,10 +200,10 @@ def run_compare(args: argparse.Namespace) -> int:
         EvalConfig(fake=".", **eval_kwargs)  # checks the metric names and that fid/kid have --real
         if args.real and not Path(args.real).expanduser().exists():
             raise DataError(f"--real {args.real} does not exist")
+    out = out_folder(args.out, "--out") if args.out else None
     run = load_run(args.run, weights=args.weights)
     specs = parse_sampler_specs(args.samplers, run.schedule.num_timesteps)
-    out = Path(args.out) if args.out else run.path / "compare"
-    check_out_dir(out)
+    out = out or run.path / "compare"
     result = run_comparison(run, specs, n=args.n, out=out, seed=args.seed, batch_size=args.batch_size,
                             eval_kwargs=eval_kwargs, clip=args.clip, precision=args.precision, progress=not args.no_progress)
     firsts = result.pop("_firsts")
@@ -248,7 +218,7 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+COMMANDS: dict[str, Command] = {
     "noise": ("the forward process: one image noised at chosen timesteps; schedules compared",
               add_noise_arguments, run_noise),
     "progress": ("the reverse process as a grid: one row per sample, one column per step from x_T to x_0",

@@ -1,19 +1,28 @@
 """Pictures: image grids and numbered image folders (Pillow only).
 
-Plots (curves, schedules, animations) build on these in later modules; nothing here needs
-matplotlib.
+Plots (curves, schedules, animations) build on these in the other ``visualize`` modules; nothing
+here needs matplotlib.
 """
 from __future__ import annotations
 
 import math
 import os
+from enum import Enum
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from difflab.data.dataset import to_uint8
+from difflab.errors import parse_choice
 from difflab.io import atomic_path
+
+
+class ImageFormat(str, Enum):
+    """Formats of numbered sample folders."""
+
+    JPG = "jpg"  # quality 95: what the homework hands in
+    PNG = "png"  # lossless
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -50,8 +59,10 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | No
     return path
 
 
-def save_numbered(images: torch.Tensor, out_dir: str | os.PathLike[str], start: int, fmt: str = "jpg") -> None:
+def save_numbered(images: torch.Tensor, out_dir: str | os.PathLike[str], start: int,
+                  fmt: ImageFormat | str = ImageFormat.JPG) -> None:
     """Save images as ``{start+1}.{fmt}``, ``{start+2}.{fmt}``, ... (the homework's 1-based layout)."""
+    fmt = parse_choice(ImageFormat, fmt, "image format").value
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     u8 = _as_uint8(images.detach().cpu())

