@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo venv clean
+.PHONY: test test-slow lint demo venv clean
 
 # The venv is rebuilt only when the project's declared dependencies change.
 $(STAMP): pyproject.toml
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# lint and types over src/ (config in pyproject.toml), then the test suite
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src
+	$(BIN)/mypy
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
@@ -27,4 +32,4 @@ demo: $(STAMP)
 	$(BIN)/difflab demo
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -2,8 +2,12 @@
 from difflab.denoiser import Denoiser
 from difflab.models.unet import UNet, UNetConfig, unet_config
 from difflab.parametrization import LossConfig, Prediction
+from difflab.runs import load_run
 from difflab.samplers import SamplerConfig, sample
 from difflab.schedule import NoiseSchedule, ScheduleConfig
 
-__all__ = ["Denoiser", "LossConfig", "NoiseSchedule", "Prediction", "SamplerConfig", "ScheduleConfig", "UNet", "UNetConfig", "sample", "unet_config"]
+__all__ = [
+    "Denoiser", "LossConfig", "NoiseSchedule", "Prediction", "SamplerConfig", "ScheduleConfig", "UNet", "UNetConfig",
+    "load_run", "sample", "unet_config",
+]
 __version__ = "0.1.0"

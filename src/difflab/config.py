@@ -12,16 +12,18 @@ import dataclasses
 import json
 import sys
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
 from difflab.models.unet import PRESETS as MODEL_PRESETS
 from difflab.models.unet import UNetConfig, unet_config
 from difflab.parametrization import LossConfig
+from difflab.precision import Precision
 from difflab.samplers import SamplerConfig
 from difflab.schedule import ScheduleConfig
 
@@ -29,12 +31,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-class Precision(str, Enum):
-    AUTO = "auto"  # bf16 where the CPU has native bf16 (AMX / AVX512-BF16) or on CUDA, else fp32
-    FP32 = "fp32"
-    BF16 = "bf16"  # bf16 autocast, fp32 master weights and optimizer state
 
 
 class LRDecay(str, Enum):
@@ -130,14 +126,14 @@ class RunConfig:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
         return from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
@@ -161,7 +157,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
         if value is None and type(None) in args:

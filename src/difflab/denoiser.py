@@ -20,9 +20,10 @@ from it so that the pair stays consistent with x_t (improved-diffusion does the 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,7 +69,9 @@ class Denoiser:
     ) -> None:
         self.model = model
         self.schedule = schedule
-        self.objective = objective if isinstance(objective, LossConfig) else LossConfig(prediction=objective)
+        if not isinstance(objective, LossConfig):
+            objective = LossConfig(prediction=parse_choice(Prediction, objective, "prediction type"))
+        self.objective = objective
         self.param = make_parametrization(schedule, self.objective)
         # the network call alone runs under autocast (bf16 where it pays); its output and all the
         # sampler and loss arithmetic stay fp32 and above

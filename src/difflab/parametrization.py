@@ -218,7 +218,8 @@ class XPrevPrediction(Parametrization):
     prediction = Prediction.X_PREV
 
     def _coefs(self, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
-        return _lerp(self.schedule.posterior_mean_coef1, lv.t), _lerp(self.schedule.posterior_mean_coef2, lv.t)
+        s = self.schedule
+        return _lerp(torch.as_tensor(s.posterior_mean_coef1), lv.t), _lerp(torch.as_tensor(s.posterior_mean_coef2), lv.t)
 
     def to_x0_eps(self, x_t: Tensor, out: Tensor, lv: NoiseLevel) -> tuple[Tensor, Tensor]:
         c1, c2 = self._coefs(lv)

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import os
 import shutil
+from enum import Enum
+from typing import TypeVar
 
 import torch
 
-from difflab.config import Precision
 from difflab.errors import ConfigError
+
+
+class Precision(str, Enum):
+    AUTO = "auto"  # bf16 where the CPU has native bf16 (AMX / AVX512-BF16) or on CUDA, else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast, fp32 master weights and optimizer state
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -44,3 +51,11 @@ def require_compiler(device: torch.device, flag: str) -> None:
     before any work if no compiler is there (inductor reads $CXX, else looks for g++ / clang++)."""
     if device.type == "cpu" and not any(shutil.which(c) for c in filter(None, [os.environ.get("CXX"), "g++", "clang++", "c++"])):
         raise ConfigError(f"{flag} needs a C++ compiler on PATH (g++ or clang++, or set CXX) for torch.compile on CPU")
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def to_memory_format(module: M, memory_format: torch.memory_format = torch.channels_last) -> M:
+    """``module.to(memory_format=...)``: torch supports it, its type stubs do not list it."""
+    return module.to(memory_format=memory_format)  # type: ignore[call-overload]

@@ -10,18 +10,19 @@ and step; ``LoadedRun.denoiser()`` is the network as a sampler's denoiser on the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
 
-from difflab.config import Precision, RunConfig
+from difflab.config import RunConfig
 from difflab.denoiser import Clip, Denoiser
 from difflab.errors import CheckpointError, parse_choice
 from difflab.models.unet import UNet
 from difflab.parametrization import LossConfig, Prediction
-from difflab.precision import autocast_dtype, require_compiler
+from difflab.precision import Precision, autocast_dtype, require_compiler, to_memory_format
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import CONFIG, latest_checkpoint, load_weights, require_run
 
@@ -33,17 +34,19 @@ class Weights(str, Enum):
     MODEL = "model"  # the raw weights of the last step
 
 
-def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, objective: LossConfig | Prediction | str, *, clip: Clip | str = Clip.CLIP,
+def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, objective: LossConfig | Prediction | str, *,
+                      clip: Clip | str = Clip.CLIP,
                       precision: Precision | str = Precision.AUTO, compile: bool = False) -> Denoiser:
     """Any trained network as a denoiser on the sampling fast path (see :meth:`LoadedRun.denoiser`):
     bf16 autocast where the hardware does bf16 natively (``precision`` auto), channels_last, and
     optionally ``torch.compile``."""
     precision = parse_choice(Precision, precision, "--precision")
     device = next(model.parameters()).device
+    network: Callable[..., torch.Tensor] = model
     if compile:
         require_compiler(device, "--compile")
-        model = torch.compile(model)
-    return Denoiser(model, schedule, objective, clip=clip, autocast=autocast_dtype(precision, device), channels_last=True)
+        network = torch.compile(model)
+    return Denoiser(network, schedule, objective, clip=clip, autocast=autocast_dtype(precision, device), channels_last=True)
 
 
 @dataclass
@@ -81,5 +84,5 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
         raise CheckpointError(f"--run {run_dir}: no checkpoint has been saved yet")
     model = UNet(cfg.model)
     load_weights(model, ckpt.tensors(weights.value), ckpt.path / f"{weights.value}.safetensors", run / CONFIG)
-    model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    model = to_memory_format(model.to(device)).eval().requires_grad_(False)
     return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"])

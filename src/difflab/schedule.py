@@ -17,9 +17,10 @@ sampling run in float32 or bf16 while the schedule itself never accumulates roun
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -133,7 +134,7 @@ def broadcast_to(v: Tensor, like: Tensor) -> Tensor:
     return v.to(device=like.device, dtype=like.dtype)
 
 
-Num = Union[float, Tensor]  # the posterior formula serves Python floats and float64 tables alike
+Num = float | Tensor  # the posterior formula serves Python floats and float64 tables alike
 
 
 class Posterior(NamedTuple):
@@ -184,16 +185,17 @@ class NoiseSchedule:
         self._build(make_betas(self.config), torch.arange(self.config.timesteps, dtype=F64))
 
     @classmethod
-    def from_name(cls, kind: str | BetaSchedule, timesteps: int = 1000, **kwargs) -> "NoiseSchedule":
-        return cls(ScheduleConfig(kind=kind, timesteps=timesteps, **kwargs))
+    def from_name(cls, kind: str | BetaSchedule, timesteps: int = 1000, **kwargs) -> NoiseSchedule:
+        return cls(ScheduleConfig(kind=parse_choice(BetaSchedule, kind, "noise schedule"), timesteps=timesteps, **kwargs))
 
     @classmethod
-    def from_betas(cls, betas: Tensor, timestep_map: Tensor | None = None, config: ScheduleConfig | None = None) -> "NoiseSchedule":
+    def from_betas(cls, betas: Tensor, timestep_map: Tensor | None = None, config: ScheduleConfig | None = None) -> NoiseSchedule:
         self = cls.__new__(cls)
         self.config = config or ScheduleConfig(timesteps=len(betas))
         self.base = self
         betas = torch.as_tensor(betas, dtype=F64)
-        self._build(betas, torch.arange(len(betas), dtype=F64) if timestep_map is None else torch.as_tensor(timestep_map, dtype=F64))
+        tmap = torch.arange(len(betas), dtype=F64) if timestep_map is None else torch.as_tensor(timestep_map, dtype=F64)
+        self._build(betas, tmap)
         return self
 
     def _build(self, betas: Tensor, timestep_map: Tensor) -> None:
@@ -274,7 +276,7 @@ class NoiseSchedule:
         return float(self.sigmas[-1])
 
     # -- respacing ------------------------------------------------------------------------
-    def respace(self, timesteps: Sequence[int] | Tensor) -> "NoiseSchedule":
+    def respace(self, timesteps: Sequence[int] | Tensor) -> NoiseSchedule:
         """A shorter schedule that visits only ``timesteps`` (of this schedule).
 
         Its abar at step i equals this schedule's abar at ``timesteps[i]``, and its betas are

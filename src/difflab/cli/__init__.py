@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from difflab.cli import evaluate, sample, train, visualize
 from difflab.cli.common import EXIT_USAGE, Command, Parser

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from difflab.errors import ConfigError
 
@@ -85,8 +86,8 @@ def out_folder(path: str | Path, flag: str) -> Path:
 # -- loading a run ----------------------------------------------------------------------------------
 def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> None:
     """--run, --weights, --clip, --precision (and --compile), --seed: how a trained run samples."""
-    from difflab.config import Precision
     from difflab.denoiser import Clip
+    from difflab.precision import Precision
     from difflab.runs import Weights
 
     p.add_argument("--run", required=True, help="a run directory made by `difflab train`")

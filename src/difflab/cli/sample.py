@@ -10,8 +10,18 @@ import argparse
 import time
 from pathlib import Path
 
-from difflab.cli.common import Command, add_run_options, add_sampler_options, choices, nonneg_int, out_file, out_folder
-from difflab.cli.common import positive_int, sampler_config, sampler_name
+from difflab.cli.common import (
+    Command,
+    add_run_options,
+    add_sampler_options,
+    choices,
+    nonneg_int,
+    out_file,
+    out_folder,
+    positive_int,
+    sampler_config,
+    sampler_name,
+)
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:

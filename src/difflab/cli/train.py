@@ -53,7 +53,8 @@ def run_train(args: argparse.Namespace) -> int:
         others = [k for k, v in _train_flags(args).items() if v is not None and not k.startswith("train.")]
         bad = others + [o for o in args.overrides if not o.startswith("train.")]
         if bad or args.config or args.preset:
-            raise ConfigError(f"--resume continues the saved config; only training options may change, not {bad or '--config/--preset'}")
+            raise ConfigError("--resume continues the saved config; only training options may change, "
+                              f"not {bad or '--config/--preset'}")
         cfg = apply_overrides(apply_overrides(cfg, changes), args.overrides)
     else:
         if not args.data:
@@ -92,7 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from difflab.config import resolve_config
     from difflab.io import atomic_write_json
     from difflab.runs import load_run
-    from difflab.samplers import SamplerConfig, sample
+    from difflab.samplers import SamplerConfig, SamplerKind, sample
     from difflab.train import Trainer
     from difflab.visualize.images import save_grid
 
@@ -108,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
     run = load_run(out)
     # eta = 1: after minutes of training the deterministic ODE (eta = 0) drifts into saturated speckle,
     # while DDIM's stochastic form corrects the model's errors as it goes (compared on the same run).
-    scfg = SamplerConfig(sampler="ddim", steps=50, eta=1.0)
+    scfg = SamplerConfig(sampler=SamplerKind.DDIM, steps=50, eta=1.0)
     imgs = sample(run.denoiser(), 64, run.image_shape, scfg, seed=0, progress=not args.no_progress)
     grid = save_grid(imgs, out / "demo-grid.png", nrow=8, scale=3)
     atomic_write_json(out / "demo.json", {"grid": str(grid), "step": run.step})

@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from difflab.cli.common import (
-    Command, add_run_options, add_sampler_options, out_file, out_folder, positive_int, sampler_config,
+    Command,
+    add_run_options,
+    add_sampler_options,
+    out_file,
+    out_folder,
+    positive_int,
+    sampler_config,
 )
 from difflab.errors import ConfigError, DataError
 
@@ -184,7 +190,11 @@ def run_compare(args: argparse.Namespace) -> int:
     from difflab.io import atomic_write_bytes, atomic_write_json
     from difflab.runs import load_run
     from difflab.visualize.compare import (
-        comparison_figure, markdown_table, parse_sampler_specs, run_comparison, samples_figure,
+        comparison_figure,
+        markdown_table,
+        parse_sampler_specs,
+        run_comparison,
+        samples_figure,
     )
     from difflab.visualize.figure import save_figure
 

@@ -89,11 +89,11 @@ def load_dataset(spec: str | os.PathLike[str], image_size: int, channels: int | 
     if not path.exists():
         raise DataError(f"no such data folder {path} (built-in data sets: {', '.join(BUILTIN_DATASETS)})")
     ch = 3 if channels is None else channels
-    folder = load_folder(path, image_size, ch, progress=progress)
-    skipped = f", {len(folder.skipped)} skipped" if folder.skipped else ""
+    decoded = load_folder(path, image_size, ch, progress=progress)
+    skipped = f", {len(decoded.skipped)} skipped" if decoded.skipped else ""
     return ImageData(
-        images=folder.images,
+        images=decoded.images,
         labels=None,
-        source=f"folder {path.resolve()} ({len(folder.paths)} images{skipped})",
-        num_skipped=len(folder.skipped),
+        source=f"folder {path.resolve()} ({len(decoded.paths)} images{skipped})",
+        num_skipped=len(decoded.skipped),
     )

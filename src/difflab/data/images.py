@@ -25,11 +25,11 @@ import math
 import multiprocessing
 import os
 import sys
-from struct import error as struct_error
-from typing import Sequence
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 import PIL
@@ -77,7 +77,7 @@ class SkippedImagesWarning(DifflabWarning):
 def _check_channels(channels: object) -> int:
     if channels not in (1, 3) or isinstance(channels, bool):
         raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
-    return int(channels)  # type: ignore[arg-type]
+    return int(channels)
 
 
 def _check_size(size: object, what: str = "image_size") -> int:
@@ -183,7 +183,8 @@ def _convert(img: Image.Image, channels: int) -> Image.Image:
     return img
 
 
-def _decode(path: str | os.PathLike[str], channels: int, draft_size: int | None) -> tuple[Image.Image, tuple[float, float] | None]:
+def _decode(path: str | os.PathLike[str], channels: int,
+            draft_size: int | None) -> tuple[Image.Image, tuple[float, float] | None]:
     """Open, fully decode and convert one file; return the image and its content size.
 
     The content size is the exact extent of the original picture in the returned image's

@@ -11,7 +11,9 @@ Importing this package loads neither the network nor OpenCV.
 """
 from difflab.metrics.detect import DetectorKind, DetectProtocol, make_detector
 from difflab.metrics.evaluate import (
-    EvalConfig, Metric, evaluate,
+    EvalConfig,
+    Metric,
+    evaluate,
 )
 from difflab.metrics.fid import GaussianStats, fid_from_features, frechet_distance, gaussian_stats
 from difflab.metrics.inception import InceptionFeatures

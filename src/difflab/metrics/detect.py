@@ -33,10 +33,11 @@ import contextlib
 import hashlib
 import os
 import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -157,8 +158,9 @@ def download_cascade(dest: Path, *, url: str = CASCADE_URL, sha256: str = CASCAD
                      opener: Opener = urllib.request.urlopen, timeout: float = 30.0) -> Path:
     """Fetch the cascade from ``url``, check its sha256, write it atomically to ``dest``."""
     try:
-        with contextlib.closing(opener(url, timeout=timeout)) as resp:  # type: ignore[call-arg]
-            data = resp.read()  # type: ignore[attr-defined]
+        resp: Any = opener(url, timeout=timeout)
+        with contextlib.closing(resp):
+            data = resp.read()
     except (OSError, ValueError) as e:
         raise DetectorError(
             f"no local {CASCADE_NAME} and downloading it from {url} failed ({e}); "
@@ -304,9 +306,9 @@ class AnimeFaceDetector:
         return len(self._faces(img.convert("RGB")))
 
     def settings(self) -> dict[str, object]:
-        import PIL
-
         from importlib.metadata import PackageNotFoundError, version
+
+        import PIL
         try:
             v = version("animeface")
         except PackageNotFoundError:

@@ -19,7 +19,11 @@ import numpy as np
 
 from difflab.errors import ConfigError, DataError, parse_choice
 from difflab.metrics.detect import (
-    DetectorKind, DetectProtocol, detection_counts, make_detector, protocol_dict,
+    DetectorKind,
+    DetectProtocol,
+    detection_counts,
+    make_detector,
+    protocol_dict,
 )
 from difflab.metrics.features import FolderScan, ReferenceStats, load_stats, reference_stats
 from difflab.metrics.fid import fid_from_features, gaussian_stats
@@ -49,7 +53,7 @@ def check_positive_int(value: object, what: str) -> int:
 
 def _choices(enum_cls: type[Enum], value: object, what: str) -> tuple:
     """A comma-separated string or a sequence -> a tuple of distinct enum members, in order."""
-    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
     if not items or any(i == "" for i in items):
         raise ConfigError(f"{what} must be a non-empty comma-separated list, got {value!r}")
     out = []

@@ -66,9 +66,9 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ from torch import Tensor, nn
 
 from difflab.errors import ConfigError, DifflabError
 from difflab.io import atomic_path, cache_dir
+from difflab.precision import to_memory_format
 
 __all__ = [
     "FEATURE_DIM",
@@ -311,6 +312,7 @@ class ConvReLU(nn.Module):
         pad = layer.padding
         padding = (int(pad), int(pad)) if isinstance(pad, int) else (int(pad[0]), int(pad[1]))
         self.conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding, bias=True)
+        assert self.conv.bias is not None  # bias=True
         with torch.no_grad():
             self.conv.weight.copy_((w * inv[:, None, None, None]).float())
             self.conv.bias.copy_((layer.beta.detach().double() - layer.mean.detach().double() * inv).float())
@@ -322,7 +324,7 @@ class ConvReLU(nn.Module):
         if not self.fused:
             return F.relu(c(x), inplace=True)
         if self._packed is None:
-            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]  # stub lacks the shape
                 c.weight.detach().to_mkldnn(), list(c.padding), list(c.stride), list(c.dilation), c.groups,
                 list(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(
@@ -545,7 +547,7 @@ class InceptionFeatures:
         self.batch_size = batch_size
         self.threads = threads
         self.script = script  # kept for the self-test against the archive's own forward
-        self.net = FIDInceptionV3(script).to(memory_format=torch.channels_last)
+        self.net = to_memory_format(FIDInceptionV3(script))
         with torch_threads(threads):
             self.fused = self.net.set_fused(fused)
         self.backend = ("oneDNN conv+relu, prepacked weights" if self.fused else "torch conv2d + relu") + \

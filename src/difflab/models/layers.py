@@ -15,8 +15,8 @@ own), use no float64, and work on ``channels_last`` tensors and under ``torch.au
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -26,10 +26,11 @@ any height and width divisible by ``2 ** (len(channel_mults) - 1)``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,8 @@ from difflab.models.layers import (
     ResBlock,
     SelfAttention,
     Upsample,
-    timestep_embedding,
     make_norm,
+    timestep_embedding,
     zero_init,
 )
 
@@ -349,8 +350,8 @@ class UNet(nn.Module):
             t = t.expand(batch)
         if t.shape != (batch,):
             raise DifflabError(f"UNet: t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-        weight = self.time_embed[0].weight
-        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(weight.dtype))
+        dtype = next(self.time_embed.parameters()).dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(dtype))
         if self.class_embed is None:
             if class_labels is not None:
                 raise DifflabError("UNet: class_labels given, but this model is unconditional (num_classes=0)")

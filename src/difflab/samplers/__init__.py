@@ -14,7 +14,15 @@ from difflab.samplers.ddpm import sample_ddpm
 from difflab.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
 from difflab.samplers.euler import sample_euler
 from difflab.samplers.grid import (
-    Grid, GridKind, Spacing, build_grid, discrete_grid, karras_sigmas, log_snr_sigmas, sigma_grid, spaced_timesteps,
+    Grid,
+    GridKind,
+    Spacing,
+    build_grid,
+    discrete_grid,
+    karras_sigmas,
+    log_snr_sigmas,
+    sigma_grid,
+    spaced_timesteps,
 )
 from difflab.samplers.heun import sample_heun
 from difflab.samplers.noise import image_generators, image_seed

@@ -1,8 +1,8 @@
 """What every sampler shares: the per-step callback record."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from torch import Tensor
 
@@ -21,4 +21,4 @@ class Step:
     x_next: Tensor
 
 
-Callback = Optional[Callable[[Step], None]]
+Callback = Callable[[Step], None] | None

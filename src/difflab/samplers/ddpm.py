@@ -29,8 +29,9 @@ def sample_ddpm(
     """x_{s} ~ N(mu~(x_t, x0_hat), var) for each grid step t -> s, ending at data.
 
     With a grid of respaced timesteps, beta_t = 1 - abar_t / abar_s is the respaced process's beta
-    and mu~ its posterior mean (Ho et al. eq. 7), both from :func:`difflab.schedule.posterior`. ``variance`` is fixed-small (beta~_t, the
-    posterior variance) or fixed-large (beta_t). The last step returns the posterior mean, x0_hat.
+    and mu~ its posterior mean (Ho et al. eq. 7), both from :func:`difflab.schedule.posterior`.
+    ``variance`` is fixed-small (beta~_t, the posterior variance) or fixed-large (beta_t). The last step
+    returns the posterior mean, x0_hat.
     """
     kind = parse_choice(VarianceType, variance, "variance type")
     abar = grid.alpha_bar.tolist()

@@ -19,7 +19,8 @@ for 2M, :func:`polynomial_correction` for 3M) and in eta.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +48,7 @@ def phi(k: int, h: float) -> float:
 
 
 # the history term of a step: (D_i, [(D, h) of the previous steps, newest first], h, eta) -> term
-Correction = Callable[[Tensor, list[tuple[Tensor, float]], float, float], Union[Tensor, float]]
+Correction = Callable[[Tensor, list[tuple[Tensor, float]], float, float], Tensor | float]
 
 
 def midpoint_correction(d0: Tensor, hist: list[tuple[Tensor, float]], h: float, eta: float) -> Tensor | float:

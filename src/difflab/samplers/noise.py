@@ -7,13 +7,13 @@ the same image whatever the batch size or the batch it lands in.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -21,9 +21,10 @@ log-SNR step (tests/test_samplers_fast.py measures every sampler on every grid).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from difflab.errors import parse_choice
 from difflab.samplers.ddim import sample_ddim

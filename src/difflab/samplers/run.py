@@ -3,8 +3,9 @@
 :func:`sample_batches` / :func:`sample`, which give image k the seed (seed, k)."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -32,7 +32,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, images_seen: float, batch_images: float) -> float:
         beta = ema_beta(images_seen, batch_images, self.halflife_images, self.rampup)
-        ema_p = list(self.model.parameters())
+        ema_p: list[torch.Tensor] = list(self.model.parameters())
         torch._foreach_lerp_(ema_p, [p.detach().float() for p in model.parameters()], 1.0 - beta)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)

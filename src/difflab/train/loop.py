@@ -21,9 +21,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,17 +37,23 @@ from difflab.denoiser import Denoiser
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
 from difflab.models.unet import UNet
-from difflab.precision import autocast_dtype, require_compiler
-from difflab.samplers import SamplerConfig, sample
+from difflab.precision import autocast_dtype, require_compiler, to_memory_format
+from difflab.samplers import SamplerConfig, SamplerKind, sample
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import (
-    CONFIG, latest_checkpoint, load_weights, optimizer_from_tensors, optimizer_to_tensors, require_run, save_checkpoint,
+    CONFIG,
+    latest_checkpoint,
+    load_weights,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    require_run,
+    save_checkpoint,
 )
 from difflab.train.ema import EMA
 from difflab.train.tensorboard import TensorBoardLog, require_tensorboard
 from difflab.visualize.images import make_grid, save_grid
 
-PREVIEW_SAMPLER = SamplerConfig(sampler="ddim", steps=25, eta=1.0)  # stochastic: kinder to young models
+PREVIEW_SAMPLER = SamplerConfig(sampler=SamplerKind.DDIM, steps=25, eta=1.0)  # stochastic: kinder to young models
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class DistInfo:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "DistInfo":
+    def from_env(cls) -> DistInfo:
         env = os.environ
         return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
@@ -137,14 +144,15 @@ class Trainer:
             torch.manual_seed(tc.seed)
             self.model = UNet(cfg.model).to(self.device)
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
+        self.model = to_memory_format(self.model, self.memory_format)
         self.ema = EMA(self.model, tc.ema_halflife_images, tc.ema_rampup)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
         )
         self.autocast = autocast_dtype(tc.precision, self.device)
         self.ddp = (
-            torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.world_size > 1 else None
         )
         # the training forward; compiled, it shares its parameters with self.model (and the DDP wrapper)
@@ -251,7 +259,8 @@ class Trainer:
         timed = bool(tc.minutes)
         bar = tqdm(total=round(tc.minutes * 60) if timed else tc.max_steps, initial=0 if timed else self.step,
                    desc="training", unit="s" if timed else "step", disable=not (self.progress and self.dist.is_main),
-                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]" if timed else None)
+                   dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]" if timed else None)
         if tc.tensorboard and self.dist.is_main:
             self.tb = TensorBoardLog(self.run_dir, self.step)
         with torch.random.fork_rng(devices=[]), stop_requests() as stop:
@@ -265,7 +274,8 @@ class Trainer:
                     bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == end:
                     now = time.monotonic()
-                    record = self._log(sums, grad_norm, (self.step - last_log_step) * tc.batch_size / max(now - last_log_time, 1e-9))
+                    rate = (self.step - last_log_step) * tc.batch_size / max(now - last_log_time, 1e-9)
+                    record = self._log(sums, grad_norm, rate)
                     bar.set_postfix(step=self.step, loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                     sums.zero_()
                     last_log_time, last_log_step = now, self.step

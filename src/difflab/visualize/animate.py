@@ -37,7 +37,7 @@ def animation_frames(traj: Trajectory, *, scale: int = 3, show_x0: bool = False,
         imgs = traj.x[k] if not show_x0 else torch.cat([traj.x[k], traj.x0[k]])
         tile = to_pil(make_grid(to_uint8(imgs), nrow=n, padding=padding))
         if scale > 1:
-            tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+            tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
         tile = tile.convert("RGB")
         frame = Image.new("RGB", (tile.width, tile.height + HEADER + 3), "white")
         frame.paste(tile, (0, HEADER + 3))

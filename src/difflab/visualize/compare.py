@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -40,8 +41,9 @@ def parse_sampler_spec(text: str, num_timesteps: int) -> SamplerSpec:
     """``ddim-50-eta1`` -> SamplerSpec('ddim-50-eta1', SamplerConfig('ddim', 50, eta=1.0), 50).
 
     Trailing ``-N`` is the step count, ``-etaX`` the DDIM eta and ``-trailing`` the trailing grid
-    (no network call at t = 0); what is left is the sampler kind (which may itself contain dashes). Without a step count, ddpm uses every training timestep
-    and other samplers 50 (as ``difflab sample`` does).
+    (no network call at t = 0); what is left is the sampler kind (which may itself contain dashes).
+    Without a step count a sampler takes its registry default (ddpm: every training timestep, others
+    50), as ``difflab sample`` does.
     """
     spec = text.strip()
     parts = spec.split("-")
@@ -191,7 +193,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     head += ["FID"] * have["fid"] + ["KID (x1000)"] * have["kid_mean"] + ["detection rate"] * have["detect_rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in result["rows"]:
-        cells = [f"`{r['sampler']}`", str(r["steps"]), (f"{r['eta']:g}" if r["kind"] == SamplerKind.DDIM.value else "-"), f"{r['nfe']:g}", f"{r['seconds']:.2f}",
+        eta = f"{r['eta']:g}" if r["kind"] == SamplerKind.DDIM.value else "-"
+        cells = [f"`{r['sampler']}`", str(r["steps"]), eta, f"{r['nfe']:g}", f"{r['seconds']:.2f}",
                  f"{r['images_per_s']:.2f}", _f(r["speedup_vs_ddpm"], ".1f") + ("x" if r["speedup_vs_ddpm"] else "")]
         if have["fid"]:
             cells.append(_f(r.get("fid"), ".2f"))
@@ -248,16 +251,16 @@ def comparison_figure(result: dict[str, Any]):
                              xytext=(6, 4 - 11 * rank), fontsize=7, color="0.3")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
-    xs = [r["nfe"] for r in rows]
-    ys = [r["images_per_s"] for r in rows]
-    plain_log_axis(axes[0].xaxis, min(xs), max(xs))
-    plain_log_axis(axes[0].yaxis, min(ys), max(ys))
+    nfes = [float(r["nfe"]) for r in rows]
+    rates = [float(r["images_per_s"]) for r in rows]
+    plain_log_axis(axes[0].xaxis, min(nfes), max(nfes))
+    plain_log_axis(axes[0].yaxis, min(rates), max(rates))
     xlabel = "network evaluations per image (= steps for DDPM, DDIM; log scale)"
     axes[0].set(xlabel=xlabel, ylabel="images per second (log scale)",
                 title=f"Speed ({result['n']} images, {result['threads']} CPU thread{'s' if result['threads'] != 1 else ''})")
     if quality:
         axes[1].set_xscale("log")
-        plain_log_axis(axes[1].xaxis, min(xs), max(xs))
+        plain_log_axis(axes[1].xaxis, min(nfes), max(nfes))
         axes[1].set(xlabel=xlabel, ylabel=labels[quality],
                     title=f"Quality ({labels[quality].split(' (')[0]}, n = {result['n']})")
     for ax in axes:

@@ -10,9 +10,9 @@ fixed margins for titles), so a figure's size follows from its rows and columns 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

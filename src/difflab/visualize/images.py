@@ -53,7 +53,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | No
     path = Path(path)
     img = to_pil(make_grid(_as_uint8(images.detach().cpu()), nrow))
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     with atomic_path(path) as tmp:
         img.save(tmp, format=_format(path))
     return path

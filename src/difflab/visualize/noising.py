@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -78,11 +78,11 @@ def schedules_figure(num_timesteps: int = 1000, kinds: Sequence[str | BetaSchedu
     """alpha-bar against t (left) and SNR = abar / (1 - abar) on a log axis (right), one line per schedule."""
     from difflab.visualize.figure import new_figure
 
-    kinds = [BetaSchedule(k) for k in (kinds or list(BetaSchedule))]
+    chosen = [BetaSchedule(k) for k in (kinds or list(BetaSchedule))]
     fig = new_figure(11, 4.2)
     ax_a, ax_s = fig.subplots(1, 2)
     t = torch.arange(num_timesteps).numpy()
-    for kind in kinds:
+    for kind in chosen:
         s = NoiseSchedule.from_name(kind, num_timesteps)
         ax_a.plot(t, s.alphas_cumprod.numpy(), label=kind.value, lw=1.8)
         ax_s.plot(t, s.snr.numpy(), label=kind.value, lw=1.8)

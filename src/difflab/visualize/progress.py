@@ -8,8 +8,8 @@ each kept state (for the final state, the sample itself). Images use the same pe
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
