@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.data.images import find_images, open_image
+from difflab.data.decode import open_image
+from difflab.data.images import find_images
 from difflab.metrics.detect import DetectProtocol
 from difflab.metrics.evaluate import EvalConfig, evaluate
 from difflab.io import atomic_path, cache_dir

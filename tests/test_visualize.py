@@ -283,7 +283,7 @@ def test_compare_detection_rate_finds_faces(tmp_path, anime_faces_dir, lbp_casca
     """The positive case: a 'model' whose x0 prediction is a real anime face makes every sampler's
     images that face, and compare must report them detected (a detector that never fires fails here)."""
     from difflab.data.dataset import to_float
-    from difflab.data.images import open_image, resize_center_crop
+    from difflab.data.decode import open_image, resize_center_crop
     from difflab.denoiser import Denoiser
     from difflab.metrics.detect import DetectProtocol, make_detector, prepare_image
     from difflab.visualize.compare import run_comparison

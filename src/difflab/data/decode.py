@@ -1,0 +1,199 @@
+"""Decoding one image file to a Pillow image, and resizing it to a square.
+
+Decoding rules (shared by every loader, so a folder always means the same pixels):
+
+* Any Pillow mode is accepted. Transparency (alpha channels and palette/tRNS transparency) is
+  composited on **white**; 16-bit gray is scaled by 1/257; 32-bit integer and float images are
+  mapped to 0..255 by the rule in :func:`_to_8bit_gray`. ``channels=1`` uses Pillow's ITU-R 601-2
+  luma. An EXIF orientation tag is applied (phone photos are stored rotated). ICC profiles are
+  ignored (pixels are taken as sRGB). Animated GIF/WebP: the first frame.
+* :func:`resize_center_crop` maps the central square of the image (the shorter side) onto
+  ``size x size`` in one Pillow Lanczos resample (antialiased: its support widens with the
+  downscale factor), using ``reducing_gap=3.0`` so very large downscales first take an exact
+  integer box reduction, as the Pillow docs recommend; nothing is rounded in between.
+* In :func:`difflab.data.images.load_folder` JPEGs are additionally decoded with libjpeg's DCT
+  scaling (``Image.draft``, the ``draft_size`` of :func:`_decode`) when the file is at least 4x
+  the target on its shorter side; the decoded image stays >= 2x the target so the final Lanczos
+  step still does the antialiasing.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from struct import error as struct_error
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from difflab.errors import ConfigError, DataError
+
+__all__ = [
+    "BadImageError",
+    "open_image",
+    "resize_center_crop",
+]
+
+
+class BadImageError(DataError):
+    """A file that should be an image cannot be decoded."""
+
+
+def _check_channels(channels: object) -> int:
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
+    return int(channels)
+
+
+def _check_size(size: object, what: str = "image_size") -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {size!r}")
+    return int(size)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding one file
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """Map a 16-bit, 32-bit integer or float gray image to mode ``L``.
+
+    ``I;16*``: divided by 257 (65535 -> 255). ``I`` and ``F`` carry no declared range, so:
+    values already within 0..255 are kept; ``I`` within 0..65535 is treated as 16-bit;
+    ``F`` within 0..1 is scaled by 255; anything else is min-max stretched to 0..255.
+    """
+    a = np.asarray(img)
+    mode = img.mode
+    if mode.startswith("I;16"):
+        a = a.astype(np.float64) / 257.0
+    else:
+        a = a.astype(np.float64)
+        if not np.all(np.isfinite(a)):
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo >= 0.0 and hi <= 255.0 and not (mode == "F" and hi <= 1.0):
+            pass
+        elif mode == "I" and lo >= 0.0 and hi <= 65535.0:
+            a = a / 257.0
+        elif mode == "F" and lo >= 0.0 and hi <= 1.0:
+            a = a * 255.0
+        else:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> "L"
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
+def _convert(img: Image.Image, channels: int) -> Image.Image:
+    """Decoded image of any mode -> ``RGB`` (channels=3) or ``L`` (channels=1)."""
+    target = "RGB" if channels == 3 else "L"
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit_gray(img)
+    if _has_transparency(img):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    if img.mode != target:
+        img = img.convert(target)
+    return img
+
+
+def _decode(path: str | os.PathLike[str], channels: int,
+            draft_size: int | None) -> tuple[Image.Image, tuple[float, float] | None]:
+    """Open, fully decode and convert one file; return the image and its content size.
+
+    The content size is the exact extent of the original picture in the returned image's
+    pixels when JPEG draft scaling made it a fraction of a pixel smaller than the rounded-up
+    image size; otherwise None.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                content: tuple[float, float] | None = None
+                if draft_size is not None and im.format == "JPEG" and min(im.size) >= 4 * draft_size:
+                    drafted = im.draft(None, (2 * draft_size, 2 * draft_size))
+                    if drafted is not None:
+                        content = (drafted[1][2], drafted[1][3])
+                im.load()  # full decode: truncated or corrupt data fails here
+                if im.width == 0 or im.height == 0:
+                    raise BadImageError(f"{path}: image has zero width or height")
+                img: Image.Image = im
+                if _orientation(im) in (2, 3, 4, 5, 6, 7, 8):
+                    img = ImageOps.exif_transpose(im)
+                    content = None
+                # The pixels are loaded, so the image stays valid after its file is closed.
+                return _convert(img, channels), content
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BadImageError(f"{path}: is a folder, not an image") from None
+    except PermissionError:
+        raise BadImageError(f"{path}: permission denied") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{path}: too many pixels, refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        empty = _is_empty(path)
+        reason = "empty file" if empty else "not an image Pillow can read"
+        raise BadImageError(f"{path}: {reason}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct_error, MemoryError) as e:
+        text = str(e).strip() or type(e).__name__
+        if "truncated" in text:
+            text = "truncated file (" + text + ")"
+        raise BadImageError(f"{path}: cannot decode: {text}") from None
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag, or 1 when absent or unreadable (bad EXIF never rejects pixels)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - any EXIF parsing failure means "no orientation"
+        return 1
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def open_image(path: str | os.PathLike[str], channels: int = 3) -> Image.Image:
+    """Fully decode ``path`` to a Pillow image of mode ``RGB`` (channels=3) or ``L`` (channels=1).
+
+    See the module docstring for the conversion rules. Raises :class:`BadImageError` (one line,
+    naming the file) for a missing, empty, truncated, corrupt or non-image file, or one larger
+    than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb warning is treated as an
+    error here, inside a ``warnings.catch_warnings`` block; no global setting is changed).
+    """
+    channels = _check_channels(channels)
+    img, _ = _decode(path, channels, None)
+    return img
+
+
+def _resize_box(img: Image.Image, size: int, content: tuple[float, float] | None) -> Image.Image:
+    w, h = content if content is not None else (float(img.width), float(img.height))
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    return img.resize(
+        (size, size),
+        Image.Resampling.LANCZOS,
+        box=(left, top, left + side, top + side),
+        reducing_gap=3.0,
+    )
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to ``size`` and keep the central ``size x size`` square.
+
+    One Lanczos resample of the central square (no intermediate rounding); see the module docs.
+    """
+    size = _check_size(size, "size")
+    return _resize_box(img, size, None)
