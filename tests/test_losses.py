@@ -9,6 +9,7 @@ from difflab.parametrization import LossConfig, Prediction
 from difflab.schedule import NoiseSchedule
 
 from gaussian import posterior_mean_coefs
+from nets import Fixed
 
 
 def test_per_example_losses_match_their_definitions():
@@ -38,17 +39,6 @@ def _outputs(prediction: str, x0, eps, x_t, abar, sched, t):
         c1, c2 = (c.reshape(-1, *[1] * (x0.ndim - 1)).to(x0.dtype) for c in posterior_mean_coefs(sched, t))
         return c1 * x0 + c2 * x_t
     return abar.sqrt() * eps - (1 - abar).sqrt() * x0  # v
-
-
-class Fixed(torch.nn.Module):
-    """A 'network' that returns a given tensor whatever its input."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-
-    def forward(self, x, t):
-        return self.out
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v", "x_prev", "edm"])

@@ -8,17 +8,7 @@ from difflab.denoiser import Denoiser
 from difflab.parametrization import LossConfig, Prediction, eps_from_v, eps_from_x0, v_from_x0_eps, x0_from_eps, x0_from_v
 from difflab.schedule import NoiseSchedule, posterior
 
-
-class TimeRecorder(torch.nn.Module):
-    """Returns a fixed function of x and records the time input it was given."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def forward(self, x, t):
-        self.times.append(t.double().clone())
-        return 0.5 * x
+from nets import Fixed, TimeRecorder
 
 
 def test_parametrisation_round_trips():
@@ -124,14 +114,6 @@ def test_edm_scalings_weight_and_noise_levels():
         assert float(x_in.var()) == pytest.approx(1.0, rel=0.03)
         sigma = ((1 - abar) / abar) ** 0.5
         assert float(c_noise[0]) == pytest.approx(250 * math.log(sigma), rel=1e-9)
-
-    class Fixed(torch.nn.Module):
-        def __init__(self, out):
-            super().__init__()
-            self.out = out
-
-        def forward(self, x, t):
-            return self.out
 
     t = torch.tensor([3.0, 50.0, 300.0, 900.0])
     x0, eps, f = (torch.randn(4, 32, generator=g, dtype=torch.float64) for _ in range(3))
