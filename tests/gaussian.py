@@ -67,3 +67,30 @@ def exact_ode_solution(schedule: NoiseSchedule, x_T, mu: float, s: float, t_star
     abar_T = 1 / (1 + sigma_T**2)
     y = x_T.double() / abar_T**0.5
     return mu + (y - mu) * s / (s**2 + sigma_T**2) ** 0.5
+
+
+class GaussianClassModel(torch.nn.Module):
+    """The ideal eps network for class-conditional Gaussian data: x_0 | c ~ N(mu_c, s^2 I), classes equally
+    likely. With a label c it returns the class's exact prediction; with label -1 the unconditional one,
+    E[x_0 | x_t] = sum_c p(c | x_t) E[x_0 | x_t, c], p(c | x_t) proportional to N(x_t; sqrt(abar) mu_c, abar s^2 + 1 - abar)."""
+
+    def __init__(self, schedule: NoiseSchedule, mus, s: float):
+        super().__init__()
+        self.schedule, self.mus, self.s = schedule, torch.as_tensor(mus, dtype=torch.float64), s  # mus (K, D)
+
+    def forward(self, x, t, labels=None):
+        xd = x.double()
+        abar = broadcast_to(self.schedule.alpha_bar_at(t.double()), xd)
+        var = abar * self.s**2 + 1 - abar
+        gain = abar.sqrt() * self.s**2 / var
+        # per class: posterior means (K, B, D) and log-likelihoods of x_t (K, B)
+        means = torch.stack([mu + gain * (xd - abar.sqrt() * mu) for mu in self.mus])
+        loglik = torch.stack([-((xd - abar.sqrt() * mu) ** 2 / (2 * var)).sum(1) for mu in self.mus])
+        mixture = (torch.softmax(loglik, 0)[..., None] * means).sum(0)
+        if labels is None:
+            x0 = mixture
+        else:
+            lab = labels.reshape(-1)
+            picked = means[lab.clamp(min=0), torch.arange(len(xd))]
+            x0 = torch.where((lab >= 0)[:, None], picked, mixture)
+        return eps_from_x0(xd, x0, abar).to(x.dtype)

@@ -146,17 +146,48 @@ def test_class_labels_condition_the_output():
     with torch.no_grad():
         cat = model(x, 100.0, torch.tensor([3, 3]))
         dog = model(x, 100.0, torch.tensor([5, 5]))
-        null = model(x, 100.0, torch.tensor([model.null_class] * 2))
+        null = model(x, 100.0, torch.tensor([-1, -1]))
         unconditional = model(x, 100.0)
-    assert model.null_class == 10
     assert (cat - dog).abs().max() > 1e-3
-    torch.testing.assert_close(unconditional, null)  # None means the null label
-    with pytest.raises(DifflabError, match=r"0\.\.10"):
-        model(x, 100.0, torch.tensor([3, 11]))
+    torch.testing.assert_close(unconditional, null)  # None means "not given", label -1
+    with pytest.raises(DifflabError, match=r"-1 \.\. size-1"):
+        model(x, 100.0, torch.tensor([3, 10]))
     with pytest.raises(DifflabError, match="integers of shape"):
         model(x, 100.0, torch.tensor([3.0, 1.0]))
-    with pytest.raises(DifflabError, match="unconditional"):
+    with pytest.raises(DifflabError, match="takes none"):
         tiny()(x, 100.0, torch.tensor([0, 1]))
+
+
+def test_attribute_labels_and_text_condition_the_output():
+    """Two attributes (each may be left out: -1), a pooled text vector and cross-attention tokens."""
+    model = tiny(label_sizes=(3, 4), text_dim=6, cross_attention_resolutions=(8,)).eval()
+    for p in model.parameters():  # wake the zero-initialised output layers
+        torch.nn.init.normal_(p, std=0.3)
+    x = images(2)
+    g = torch.Generator().manual_seed(0)
+    text, tokens = torch.randn(2, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        base = model(x, 100.0, torch.tensor([[0, 1], [2, 3]]))
+        other_eyes = model(x, 100.0, torch.tensor([[0, 2], [2, 3]]))
+        hair_only = model(x, 100.0, torch.tensor([[0, -1], [2, -1]]))
+        with_text = model(x, 100.0, torch.tensor([[0, 1], [2, 3]]), text=text)
+        zero_text = model(x, 100.0, torch.tensor([[0, 1], [2, 3]]), text=torch.zeros(2, 6))
+        with_tokens = model(x, 100.0, text_tokens=tokens, text_mask=mask)
+        masked_off = model(x, 100.0, text_tokens=tokens, text_mask=torch.zeros(2, 5, dtype=torch.bool))
+        no_tokens = model(x, 100.0)
+        changed = model(x, 100.0, text_tokens=torch.cat([tokens[:, :2], -tokens[:, 2:]], 1), text_mask=mask)
+    assert (base[0] - other_eyes[0]).abs().max() > 1e-4 and torch.equal(base[1], other_eyes[1])  # per example
+    assert (base - hair_only).abs().max() > 1e-4 and (base - with_text).abs().max() > 1e-4
+    torch.testing.assert_close(zero_text, base)  # a zero text vector is "no text"
+    assert (with_tokens - no_tokens).abs().max() > 1e-4
+    torch.testing.assert_close(masked_off, no_tokens)  # masked tokens are not attended to
+    torch.testing.assert_close(changed[1], with_tokens[1])  # example 1 sees only its first two tokens
+    assert (changed[0] - with_tokens[0]).abs().max() > 1e-4
+    with pytest.raises(DifflabError, match="no cross-attention"):
+        tiny(text_dim=6)(x, 100.0, text_tokens=tokens)
+    with pytest.raises(ConfigError, match="needs text_dim"):
+        UNetConfig(cross_attention_resolutions=(8,))
 
 
 def test_bad_inputs_raise_one_line_errors():
@@ -171,8 +202,10 @@ def test_bad_inputs_raise_one_line_errors():
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_parameter_gets_a_gradient(variant):
-    model = tiny(num_classes=2, **VARIANTS[variant]).train()
-    out = model(images(2), torch.tensor([5.0, 600.0]), torch.tensor([0, 2]))
+    model = tiny(label_sizes=(2, 3), text_dim=4, cross_attention_resolutions=(8,), **VARIANTS[variant]).train()
+    g = torch.Generator().manual_seed(1)
+    out = model(images(2), torch.tensor([5.0, 600.0]), torch.tensor([[0, 2], [1, -1]]), text=torch.randn(2, 4, generator=g),
+                text_tokens=torch.randn(2, 3, 4, generator=g), text_mask=torch.tensor([[True, True, False], [True] * 3]))
     out.square().mean().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not missing
@@ -243,12 +276,13 @@ def test_channels_last_and_bf16_autocast(variant):
 ROUND_TRIP_CONFIGS = [
     *PRESETS.values(),
     UNetConfig(block="convnext", num_classes=10, linear_attention_resolutions=(32,), dropout=0),
+    UNetConfig(label_sizes=(12, 10), text_dim=384, cross_attention_resolutions=(8, 16)),
     UNetConfig(norm="layer", norm_groups=7),
     UNetConfig(norm_group_channels=16),
 ]
 
 
-@pytest.mark.parametrize("cfg", ROUND_TRIP_CONFIGS, ids=[*PRESETS, "custom", "layernorm", "group-channels"])
+@pytest.mark.parametrize("cfg", ROUND_TRIP_CONFIGS, ids=[*PRESETS, "custom", "conditional", "layernorm", "group-channels"])
 def test_config_round_trips_through_json(cfg):
     back = from_dict(UNetConfig, json.loads(json.dumps(to_dict(cfg))))
     assert back == cfg

@@ -1,6 +1,7 @@
 """difflab: train, sample, evaluate and visualise image diffusion models."""
 from difflab.denoiser import Denoiser
-from difflab.models.unet import UNet, UNetConfig, unet_config
+from difflab.models.presets import unet_config
+from difflab.models.unet import UNet, UNetConfig
 from difflab.parametrization import LossConfig, Prediction
 from difflab.runs import load_run
 from difflab.samplers import SamplerConfig, sample

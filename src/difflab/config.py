@@ -20,8 +20,9 @@ from typing import Any
 
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
-from difflab.models.unet import PRESETS as MODEL_PRESETS
-from difflab.models.unet import UNetConfig, unet_config
+from difflab.models.presets import PRESETS as MODEL_PRESETS
+from difflab.models.presets import unet_config
+from difflab.models.unet import UNetConfig
 from difflab.parametrization import LossConfig
 from difflab.precision import Precision
 from difflab.samplers import SamplerConfig

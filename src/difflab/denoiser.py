@@ -13,6 +13,14 @@ training timesteps; the noise level is interpolated in log-sigma, see
 training timesteps (:meth:`NoiseSchedule.training_time`), never passed through unmapped.
 Conditioning keyword arguments (class labels today, anything tomorrow) reach the network unchanged.
 
+Classifier-free guidance (Ho & Salimans 2022): with ``guidance`` w != 1 and a condition given, each
+call runs the network once on the batch doubled (the condition, then the null condition,
+:func:`difflab.conditioning.null_condition`) and returns x0_u + w (x0_c - x0_u) (and the same for
+eps): w = 1 is the conditional model, w = 0 the unconditional one. Combining x0 is the same as
+combining eps (the conversion between them is affine at a fixed x_t and t), so every
+parametrisation and every sampler gets the same rule. ``guidance_interval = (lo, hi)`` applies it
+only where lo <= sigma <= hi (Kynkaanniemi et al. 2024), the plain conditional model elsewhere.
+
 Optional x0 clipping: ``clip`` clamps x0_hat to [-1, 1]; ``dynamic`` is the dynamic thresholding
 of Saharia et al. 2022 (Imagen, section 2.3): per image, s = the p-th percentile of |x0_hat|,
 s = max(s, 1), x0_hat = clamp(x0_hat, -s, s) / s. When x0_hat is changed, eps_hat is recomputed
@@ -20,6 +28,7 @@ from it so that the pair stays consistent with x_t (improved-diffusion does the 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -28,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab.conditioning import concat, is_null, null_condition
 from difflab.errors import ConfigError, parse_choice
 from difflab.losses import Weighting, per_example_loss
 from difflab.parametrization import LossConfig, NoiseLevel, Prediction, eps_from_x0, make_parametrization
@@ -66,6 +76,8 @@ class Denoiser:
         dynamic_percentile: float = 0.995,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
+        guidance: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> None:
         self.model = model
         self.schedule = schedule
@@ -81,6 +93,18 @@ class Denoiser:
         if not 0.5 <= dynamic_percentile <= 1.0:
             raise ConfigError(f"dynamic_percentile must be in [0.5, 1], got {dynamic_percentile}")
         self.dynamic_percentile = dynamic_percentile
+        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+            raise ConfigError(f"--guidance must be a number >= 0, got {guidance!r}")
+        if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:
+            raise ConfigError(f"--guidance-interval needs 0 <= low < high, got {guidance_interval}")
+        self.guidance = float(guidance)
+        self.guidance_interval = guidance_interval
+
+    def guided(self, guidance: float, interval: tuple[float, float] | None = None) -> Denoiser:
+        """The same network and settings with another guidance weight (and interval)."""
+        return Denoiser(self.model, self.schedule, self.objective, clip=self.clip, dynamic_percentile=self.dynamic_percentile,
+                        autocast=self.autocast, channels_last=self.memory_format == torch.channels_last,
+                        guidance=guidance, guidance_interval=interval)
 
     @property
     def prediction(self) -> Prediction:
@@ -99,11 +123,30 @@ class Denoiser:
         return out.float()
 
     # -- sampling -------------------------------------------------------------------------
+    def _weights(self, lv: NoiseLevel) -> Tensor | None:
+        """Per-example guidance weights, or None where guidance changes nothing."""
+        if self.guidance == 1.0:
+            return None
+        w = torch.full_like(lv.t, self.guidance)
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            w = torch.where((lv.sigma >= lo) & (lv.sigma <= hi), w, torch.ones_like(w))
+        return None if bool((w == 1.0).all()) else w
+
     def predict(self, x: Tensor, t: Tensor | float, **cond: Any) -> DenoiserOutput:
         """(x0_hat, eps_hat) at the VP state ``x`` and schedule timestep ``t`` (scalar or (B,))."""
         lv = self._level(t, x.shape[0])
         x = x.float()
-        x0, eps = self.param.to_x0_eps(x, self._network(x, lv, **cond).contiguous(), lv)
+        w = self._weights(lv) if cond and not is_null(cond) else None
+        if w is None:
+            x0, eps = self.param.to_x0_eps(x, self._network(x, lv, **cond).contiguous(), lv)
+        else:  # one network call on the doubled batch: conditional, then unconditional
+            both = NoiseLevel(t=torch.cat([lv.t, lv.t]), abar=torch.cat([lv.abar, lv.abar]))
+            out = self._network(torch.cat([x, x]), both, **concat(cond, null_condition(cond))).contiguous()
+            x0_c, eps_c = self.param.to_x0_eps(x, out[: len(x)], lv)
+            x0_u, eps_u = self.param.to_x0_eps(x, out[len(x):], lv)
+            wx = lv.at(w, x)
+            x0, eps = x0_u + wx * (x0_c - x0_u), eps_u + wx * (eps_c - eps_u)
         if self.clip is not Clip.NONE:
             x0 = x0.clamp(-1, 1) if self.clip is Clip.CLIP else dynamic_threshold(x0, self.dynamic_percentile)
             eps = eps_from_x0(x, x0, lv.at(lv.abar, x))

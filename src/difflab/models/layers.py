@@ -88,12 +88,29 @@ class EmbedBlock(nn.Module):
         raise NotImplementedError
 
 
-class EmbedSequential(nn.Sequential):
-    """Sequential that hands ``emb`` to the :class:`EmbedBlock` layers and only ``x`` to the others."""
+# what cross-attention attends to: token embeddings (B, L, D) and their mask (B, L), True = a real token
+Context = tuple[torch.Tensor, torch.Tensor]
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+
+class ContextBlock(nn.Module):
+    """A block whose forward is ``forward(x, context)``: it attends to a context (text tokens)."""
+
+    def forward(self, x: torch.Tensor, context: Context | None) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class EmbedSequential(nn.Sequential):
+    """Sequential that hands ``emb`` to the :class:`EmbedBlock` layers, the context to the
+    :class:`ContextBlock` layers and only ``x`` to the others."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Context | None = None) -> torch.Tensor:  # type: ignore[override]
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, EmbedBlock) else layer(x)
+            if isinstance(layer, EmbedBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, ContextBlock):
+                x = layer(x, context)
+            else:
+                x = layer(x)
         return x
 
 
@@ -255,3 +272,41 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class CrossAttention(ContextBlock):
+    """Multi-head softmax attention from the pixels to a context of text-token embeddings, with a
+    residual connection (the cross-attention of latent diffusion, Rombach et al. 2022).
+
+    Queries come from ``norm(x)``, keys and values from ``LayerNorm(context)``; the output projection is
+    zero-initialised. One learned null token is always part of the context, so an example without text
+    (all of its mask False, as for the unconditional half of classifier-free guidance) attends to it
+    instead of to nothing. ``context=None`` means no text for the whole batch.
+    """
+
+    def __init__(self, channels: int, context_dim: int, head_channels: int, norm: Norm):
+        super().__init__()
+        self.heads = channels // head_channels
+        self.norm = norm(channels)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.null = nn.Parameter(torch.zeros(1, 1, context_dim))
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: Context | None) -> torch.Tensor:
+        b, c, height, width = x.shape
+        if context is None:
+            tokens = x.new_zeros(b, 0, self.null.shape[-1])
+            mask = torch.zeros(b, 0, dtype=torch.bool, device=x.device)
+        else:
+            tokens, mask = context
+        tokens = torch.cat([self.null.to(tokens.dtype).expand(b, -1, -1), tokens], dim=1)
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
+        d = c // self.heads
+        q = self.q(_to_tokens(self.norm(x))).reshape(b, -1, self.heads, d).transpose(1, 2)
+        k, v = self.kv(self.context_norm(tokens)).reshape(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :])
+        out = self.proj(out.transpose(1, 2).reshape(b, height * width, c))
+        return x + _to_image(out, height, width)
+

@@ -25,11 +25,8 @@ any height and width divisible by ``2 ** (len(channel_mults) - 1)``.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -37,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.errors import ConfigError, DifflabError, parse_choice
+from difflab.models.conditioning import ConditionEmbedding
 from difflab.models.layers import (
     ConvNeXtBlock,
+    CrossAttention,
     Downsample,
     EmbedSequential,
     LinearAttention,
@@ -106,8 +105,14 @@ class UNetConfig:
         norm_group_channels: when > 0, every GroupNorm has groups of this many channels (``C //
             norm_group_channels`` groups in a ``C``-channel layer) instead of ``norm_groups`` groups; must
             divide ``base_channels``. 16 or more keeps torch's channels_last GroupNorm kernel fast.
-        num_classes: 0 for an unconditional model; ``K > 0`` adds a learned embedding of the labels
-            ``0..K-1`` plus the null label ``K`` (used when ``class_labels`` is ``None``).
+        num_classes: ``K > 0`` is a one-attribute label of K classes, the same as ``label_sizes=(K,)``
+            (kept for configs written before ``label_sizes``); 0 = none.
+        label_sizes: one entry per categorical attribute (e.g. ``(12, 10)`` for hair and eye colour);
+            each adds a learned embedding of its labels to the time embedding, with a null entry for
+            "not given" (label -1, :mod:`difflab.models.conditioning`).
+        text_dim: > 0 adds a linear map of a pooled text embedding of this size to the time embedding.
+        cross_attention_resolutions: feature-map sizes where a cross-attention layer attends to the text's
+            token embeddings (of size ``text_dim``), after that level's blocks; needs ``text_dim > 0``.
     """
 
     image_size: int = 32
@@ -124,6 +129,9 @@ class UNetConfig:
     norm_groups: int = 32
     norm_group_channels: int = 0
     num_classes: int = 0
+    label_sizes: tuple[int, ...] = ()
+    text_dim: int = 0
+    cross_attention_resolutions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place: lists -> tuples, strings -> enums, ints -> floats
@@ -150,6 +158,14 @@ class UNetConfig:
         _check_int("norm_groups", self.norm_groups, 1)
         _check_int("norm_group_channels", self.norm_group_channels, 0)
         _check_int("num_classes", self.num_classes, 0)
+        set_(self, "label_sizes", _check_int_tuple("label_sizes", self.label_sizes, 1))
+        if self.num_classes and self.label_sizes:
+            raise ConfigError("UNetConfig: give num_classes or label_sizes, not both")
+        _check_int("text_dim", self.text_dim, 0)
+        set_(self, "cross_attention_resolutions",
+             _check_int_tuple("cross_attention_resolutions", self.cross_attention_resolutions, 1))
+        if self.cross_attention_resolutions and not self.text_dim:
+            raise ConfigError("UNetConfig.cross_attention_resolutions needs text_dim > 0 (the token embedding size)")
 
         factor = 2 ** (len(self.channel_mults) - 1)
         if self.image_size % factor:
@@ -164,7 +180,7 @@ class UNetConfig:
                 f"UNetConfig.{divisor}={getattr(self, divisor)} must divide base_channels={self.base_channels}"
             )
         sizes = self.resolutions
-        for name in ("attention_resolutions", "linear_attention_resolutions"):
+        for name in ("attention_resolutions", "linear_attention_resolutions", "cross_attention_resolutions"):
             for res in getattr(self, name):
                 if res not in sizes:
                     raise ConfigError(
@@ -178,6 +194,7 @@ class UNetConfig:
                 "choose one kind of attention per resolution"
             )
         attended = set(self.attention_resolutions) | set(self.linear_attention_resolutions)
+        attended |= set(self.cross_attention_resolutions)
         for level, (res, mult) in enumerate(zip(sizes, self.channel_mults)):
             channels = self.base_channels * mult
             is_middle = level == len(sizes) - 1
@@ -189,88 +206,28 @@ class UNetConfig:
                 )
 
     @property
+    def conditions(self) -> tuple[int, ...]:
+        """The label sizes the network takes (``label_sizes``, or ``(num_classes,)``)."""
+        return self.label_sizes or ((self.num_classes,) if self.num_classes else ())
+
+    @property
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map size of each level, from ``image_size`` down."""
         return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
 
 
-def _check_field_names(names: Any) -> None:
-    valid = [f.name for f in dataclasses.fields(UNetConfig)]
-    unknown = [name for name in names if name not in valid]
-    if unknown:
-        raise ConfigError(f"unknown UNetConfig field(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
-
-
-PRESETS: Mapping[str, UNetConfig] = MappingProxyType(
-    {
-        # For tests: about 0.18 M parameters.
-        "tiny": UNetConfig(
-            image_size=16,
-            base_channels=16,
-            channel_mults=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(8,),
-            head_channels=16,
-            norm_groups=8,
-        ),
-        # A fast CPU demo at 28-32 px: about 1.6 M parameters. GroupNorm with 16 channels per group, not
-        # a fixed group count: 1.2x per training step on CPU at equal or better FID (BENCHMARKS.md).
-        "small": UNetConfig(
-            image_size=32,
-            base_channels=32,
-            channel_mults=(1, 2, 2),
-            num_res_blocks=2,
-            attention_resolutions=(8,),
-            head_channels=32,
-            norm_groups=8,
-            norm_group_channels=16,
-        ),
-        # A sensible 32-64 px CPU model (about 14.7 M parameters); the layout of diffusers' UNet2DModel with
-        # block_out_channels=(64, 128, 256), layers_per_block=2 and attention at 16x16, except for
-        # GroupNorm's 16 channels per group (diffusers: 32 groups; norm_group_channels=0 restores them).
-        "default": UNetConfig(
-            image_size=32,
-            base_channels=64,
-            channel_mults=(1, 2, 4),
-            num_res_blocks=2,
-            attention_resolutions=(16,),
-            head_channels=64,
-            norm_groups=32,
-            norm_group_channels=16,
-        ),
-        # Ho et al. 2020, CIFAR-10: 35.7 M parameters, single-head attention at 16x16.
-        "ddpm-cifar10": UNetConfig(
-            image_size=32,
-            base_channels=128,
-            channel_mults=(1, 2, 2, 2),
-            num_res_blocks=2,
-            attention_resolutions=(16,),
-            head_channels=256,
-            dropout=0.1,
-            norm_groups=32,
-        ),
-    }
-)
-
-
-def unet_config(preset: str, **overrides: Any) -> UNetConfig:
-    """The named preset from :data:`PRESETS`, with some fields replaced (and the result re-checked)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown UNet preset {preset!r}; choose one of {', '.join(map(repr, PRESETS))}")
-    _check_field_names(overrides.keys())
-    return dataclasses.replace(PRESETS[preset], **overrides)
-
-
 class UNet(nn.Module):
     """The DDPM UNet (see the module docstring), predicting a tensor of the input's shape.
 
-    ``forward(x, t, class_labels=None)``:
+    ``forward(x, t, labels=None, text=None, text_tokens=None, text_mask=None)``:
 
     - ``x``: ``(B, in_channels, H, W)`` with ``H`` and ``W`` divisible by ``2 ** (levels - 1)``;
     - ``t``: timesteps in the model's training scale (e.g. 0..999, fractions allowed), shape ``(B,)`` or
       a scalar (Python number or 0-d tensor) used for the whole batch;
-    - ``class_labels``: ``(B,)`` integer labels in ``0..num_classes`` (``num_classes`` is the null label);
-      ``None`` means all null, i.e. unconditional. Only for models with ``num_classes > 0``.
+    - ``labels``: ``(B, A)`` (or ``(B,)`` for one attribute) integers, -1 = not given; ``None`` = none given;
+    - ``text``: ``(B, text_dim)`` pooled text embedding (all zeros = no text);
+    - ``text_tokens``, ``text_mask``: ``(B, L, text_dim)`` token embeddings and ``(B, L)`` booleans for the
+      cross-attention layers. Conditions a model does not take are an error.
 
     Returns a tensor of ``x``'s shape and dtype (also under autocast). Output conv, the last layer of
     each block and the attention output projections start at zero, so a fresh network outputs zeros.
@@ -298,10 +255,13 @@ class UNet(nn.Module):
                 layers.append(SelfAttention(channels, c.head_channels, norm))
             elif res in linear_at:
                 layers.append(LinearAttention(channels, c.head_channels, norm))
+            if res in cross_at:
+                layers.append(CrossAttention(channels, c.text_dim, c.head_channels, norm))
             return EmbedSequential(*layers)
 
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.cond_embed = ConditionEmbedding(c.conditions, c.text_dim, emb_dim)
+        cross_at = set(c.cross_attention_resolutions)
 
         self.conv_in = nn.Conv2d(c.in_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
@@ -317,9 +277,10 @@ class UNet(nn.Module):
                 self.down.append(EmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
 
-        self.middle = EmbedSequential(
-            block(ch, ch), SelfAttention(ch, c.head_channels, norm), block(ch, ch)
-        )
+        middle: list[nn.Module] = [block(ch, ch), SelfAttention(ch, c.head_channels, norm)]
+        if c.resolutions[-1] in cross_at:
+            middle.append(CrossAttention(ch, c.text_dim, c.head_channels, norm))
+        self.middle = EmbedSequential(*middle, block(ch, ch))
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(c.channel_mults))):
@@ -335,16 +296,12 @@ class UNet(nn.Module):
         self.norm_out = norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, c.in_channels, 3, padding=1))
 
-    @property
-    def null_class(self) -> int:
-        """The label meaning "no class" (classifier-free guidance); ``num_classes``."""
-        return self.config.num_classes
-
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (all, or only those with ``requires_grad``)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def _embedding(self, t: Any, class_labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    def _embedding(self, t: Any, batch: int, device: torch.device, labels: torch.Tensor | None,
+                   text: torch.Tensor | None) -> torch.Tensor:
         t = torch.as_tensor(t, device=device)
         if t.ndim == 0:
             t = t.expand(batch)
@@ -352,24 +309,11 @@ class UNet(nn.Module):
             raise DifflabError(f"UNet: t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         dtype = next(self.time_embed.parameters()).dtype
         emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(dtype))
-        if self.class_embed is None:
-            if class_labels is not None:
-                raise DifflabError("UNet: class_labels given, but this model is unconditional (num_classes=0)")
-            return F.silu(emb)
-        if class_labels is None:
-            class_labels = torch.full((batch,), self.null_class, dtype=torch.long, device=device)
-        elif class_labels.shape != (batch,) or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
-            raise DifflabError(
-                f"UNet: class_labels must be integers of shape ({batch},), "
-                f"got {class_labels.dtype} of shape {tuple(class_labels.shape)}"
-            )
-        elif bool((class_labels < 0).any() | (class_labels > self.null_class).any()):
-            raise DifflabError(
-                f"UNet: class_labels must lie in 0..{self.null_class} ({self.null_class} is the null label)"
-            )
-        return F.silu(emb + self.class_embed(class_labels.to(device)))
+        cond = self.cond_embed(batch, device, labels, text)
+        return F.silu(emb if cond is None else emb + cond)
 
-    def forward(self, x: torch.Tensor, t: Any, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: Any, labels: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         factor = 2 ** (len(c.channel_mults) - 1)
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % factor or x.shape[3] % factor:
@@ -377,18 +321,24 @@ class UNet(nn.Module):
                 f"UNet: x must have shape (B, {c.in_channels}, H, W) with H and W divisible by {factor}, "
                 f"got {tuple(x.shape)}"
             )
-        emb = self._embedding(t, class_labels, x.shape[0], x.device)
+        emb = self._embedding(t, x.shape[0], x.device, labels, text)
+        context = None
+        if text_tokens is not None:
+            if not c.cross_attention_resolutions:
+                raise DifflabError("UNet: text_tokens given, but this model has no cross-attention")
+            mask = text_mask if text_mask is not None else torch.ones(text_tokens.shape[:2], dtype=torch.bool)
+            context = (text_tokens.to(x.device), mask.to(x.device))
 
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = stage(h, emb, context)
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self.middle(h, emb, context)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return out.to(x.dtype)
 
 
-__all__ = ["BlockType", "NormType", "PRESETS", "UNet", "UNetConfig", "unet_config"]
+__all__ = ["BlockType", "NormType", "UNet", "UNetConfig"]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from difflab.conditioning import take
 from difflab.denoiser import Denoiser
 from difflab.errors import ConfigError, parse_choice
 from difflab.samplers.base import Callback
@@ -127,7 +128,10 @@ def sample_batches(
     callback: Callback = None,
     **cond: Any,
 ) -> Iterator[tuple[range, Tensor]]:
-    """Yield (image indices, images in [-1, 1]) batch by batch; image k uses seed (seed, k)."""
+    """Yield (image indices, images in [-1, 1]) batch by batch; image k uses seed (seed, k).
+
+    ``cond`` (:mod:`difflab.conditioning`): tensors with ``n`` rows give each image its own condition
+    (row i for image ``start + i``); tensors with one row apply to every image."""
     if n < 1:
         raise ConfigError(f"-n must be at least 1, got {n}")
     if batch_size < 1:
@@ -138,7 +142,8 @@ def sample_batches(
         idx = range(lo, min(lo + batch_size, start + n))
         gens = image_generators(seed, idx, device)
         x = randn((len(idx), *shape), gens, device=device)
-        yield idx, run_sampler(denoiser, x, grid, cfg, generator=gens, callback=callback, **cond)
+        rows = take(cond, slice(lo - start, lo - start + len(idx)), n)
+        yield idx, run_sampler(denoiser, x, grid, cfg, generator=gens, callback=callback, **rows)
         bar.update(len(idx))
     bar.close()
 
