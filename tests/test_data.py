@@ -702,9 +702,10 @@ def test_resize_uint8_antialias_closed_forms():
 
 def test_load_dataset_fashion_mnist(fashion_mnist_dir, monkeypatch):
     monkeypatch.setenv("DIFFLAB_DATA", str(fashion_mnist_dir))
-    d = load_dataset("fashion-mnist", 28, progress=False)
+    d = load_dataset("fashion-mnist", 28, labels="classes", progress=False)
     ref_images, ref_labels = load_fashion_mnist(fashion_mnist_dir)
-    assert torch.equal(d.images, ref_images) and torch.equal(d.labels, ref_labels)
+    assert torch.equal(d.images, ref_images) and torch.equal(d.labels.index[:, 0], ref_labels)
+    assert d.labels.schema.classes[0][1] == "Trouser"
     assert d.num_skipped == 0 and "fashion-mnist" in d.source and "60000" in d.source
     # Resizing and channel repeats, on a slice (resizing all 60,000 takes seconds).
     monkeypatch.setattr(dataset_mod, "load_fashion_mnist", lambda *a, **k: (ref_images[:500], ref_labels[:500]))

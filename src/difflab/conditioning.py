@@ -1,4 +1,5 @@
-"""The conditions a network may take, as keyword arguments of ``network(x, t, **cond)``:
+"""What a model is conditioned on: :class:`CondConfig` (saved with the run: attribute and class names,
+text options) and the conditions a network takes, as keyword arguments of ``network(x, t, **cond)``:
 
 | key           | shape          | meaning                                                        |
 | ------------- | -------------- | -------------------------------------------------------------- |
@@ -13,10 +14,58 @@ at random during training so one model learns both the conditional and the uncon
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+
 import torch
 from torch import Tensor
 
+from difflab.data.labels import LabelSchema
+from difflab.errors import ConfigError, parse_choice
+
 Cond = dict[str, Tensor]
+
+
+class TextMode(str, Enum):
+    """How a caption's embedding reaches the UNet (``cond.text_mode``)."""
+
+    POOLED = "pooled"  # the sentence vector, added to the time embedding
+    TOKENS = "tokens"  # the token embeddings, through cross-attention at the low resolutions
+    BOTH = "both"
+
+
+# Captions built from a row of labels: {list} = "blue hair, red eyes", {and} = "blue hair and red eyes",
+# {and_reversed} = "red eyes and blue hair" (one attribute: its value alone, e.g. "Trouser").
+DEFAULT_TEMPLATES = ("{list}", "a girl with {and}", "anime face, {list}", "{and_reversed}",
+                     "a character with {and}", "a drawing of {and}")
+
+
+@dataclass(frozen=True)
+class CondConfig:
+    """The run's conditioning, filled in from the data when the config is resolved (``--labels``).
+
+    ``attributes``/``classes`` name the label columns and their values (so ``sample`` takes names);
+    ``captions`` conditions on text instead: each training image gets a caption built from its labels
+    and one of ``templates`` (drawn per step), embedded once per distinct caption by ``text_encoder``.
+    """
+
+    attributes: tuple[str, ...] = ()
+    classes: tuple[tuple[str, ...], ...] = ()
+    captions: bool = False
+    text_encoder: str = "all-MiniLM-L6-v2"
+    text_mode: TextMode = TextMode.POOLED
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_mode", parse_choice(TextMode, self.text_mode, "cond.text_mode"))
+        if self.attributes or self.classes:
+            LabelSchema(self.attributes, self.classes)  # checks names and lengths
+        if self.captions and not self.templates:
+            raise ConfigError("cond.templates must hold at least one caption template")
+
+    @property
+    def schema(self) -> LabelSchema | None:
+        return LabelSchema(self.attributes, self.classes) if self.attributes else None
 
 KEYS = ("labels", "text", "text_tokens", "text_mask")
 

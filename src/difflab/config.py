@@ -18,7 +18,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from difflab.conditioning import CondConfig, TextMode
 from difflab.data.augment import AugmentConfig
+from difflab.data.labels import LabelSchema
 from difflab.errors import ConfigError, parse_choice
 from difflab.models.presets import PRESETS as MODEL_PRESETS
 from difflab.models.presets import unet_config
@@ -41,14 +43,19 @@ class LRDecay(str, Enum):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """``source`` is ``fashion-mnist`` or a folder of images; ``channels`` 0 means the source's own."""
+    """``source`` is ``fashion-mnist`` or a folder of images; ``channels`` 0 means the source's own.
+    ``labels``: ``none``, ``classes`` (the built-in data set's own), ``folders`` (one sub-folder per class)
+    or a CSV file of ``image,attribute...`` rows (:mod:`difflab.data.labels`)."""
 
     source: str = "fashion-mnist"
     image_size: int = 32
     channels: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    labels: str = "none"
 
     def __post_init__(self) -> None:
+        if self.labels not in ("none", "classes", "folders") and not self.labels.lower().endswith(".csv"):
+            raise ConfigError(f"--labels must be classes, folders or a .csv file, got {self.labels!r}")
         if not isinstance(self.image_size, int) or self.image_size < 8:
             raise ConfigError(f"--image-size must be an integer >= 8, got {self.image_size!r}")
         if self.channels not in (0, 1, 3):
@@ -84,6 +91,9 @@ class TrainConfig:
     # torch.compile the network for the training step (inductor; needs a C++ compiler on CPU). Off by
     # default: on the project's 2-core CPU it did not pay (BENCHMARKS.md, "torch.compile")
     compile: bool = False
+    # classifier-free guidance needs an unconditional model too: each example loses its condition with
+    # this probability (and each label attribute on its own, difflab.conditioning.drop)
+    cond_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_decay", parse_choice(LRDecay, self.lr_decay, "train.lr_decay"))
@@ -102,6 +112,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and 0 <= self.min_lr_ratio <= 1):
             raise ConfigError("train.adam_beta1/adam_beta2 must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if not 0 <= self.cond_dropout < 1:
+            raise ConfigError(f"train.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum} "
                               "(each optimizer step adds up grad_accum equal micro-batches)")
@@ -115,6 +127,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cond: CondConfig = field(default_factory=CondConfig)
     preset: str = "small"
 
     def __post_init__(self) -> None:
@@ -122,6 +135,12 @@ class RunConfig:
             raise ConfigError(
                 f"model.image_size={self.model.image_size} differs from data.image_size={self.data.image_size}"
             )
+        schema = self.cond.schema
+        if schema is not None and not self.cond.captions and self.model.conditions != schema.sizes:
+            raise ConfigError(f"the model takes labels of sizes {list(self.model.conditions)} but the data's labels "
+                              f"have {list(schema.sizes)} ({', '.join(schema.attributes)})")
+        if self.cond.captions and schema is not None and not self.model.text_dim:
+            raise ConfigError("cond.captions needs a model with text_dim > 0 (the text encoder's size)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -339,6 +358,23 @@ def _check_image_size(size: Any, model: dict, preset: str) -> None:
     if isinstance(size, int) and not isinstance(size, bool) and size % factor:
         raise ConfigError(f"--image-size {size}: must be a multiple of {factor} for this preset "
                           f"({preset}: {len(mults)} levels, model.channel_mults={','.join(map(str, mults))})")
+
+
+def condition_model(cfg: RunConfig, schema: LabelSchema | None, text_dim: int = 0) -> RunConfig:
+    """``cfg`` conditioned on ``schema``'s labels: the names go to ``cond``, the sizes to the network
+    (``model.label_sizes``), or with ``cond.captions`` a text input of ``text_dim`` (and cross-attention at
+    the two lowest resolutions for ``cond.text_mode`` tokens/both). None leaves the model unconditional."""
+    if schema is None:
+        return dataclasses.replace(cfg, cond=dataclasses.replace(cfg.cond, attributes=(), classes=(), captions=False))
+    cond = dataclasses.replace(cfg.cond, attributes=schema.attributes, classes=schema.classes)
+    if cond.captions:
+        cross = cfg.model.resolutions[-2:] if cond.text_mode is not TextMode.POOLED else ()
+        model = dataclasses.replace(cfg.model, num_classes=0, label_sizes=(), text_dim=text_dim,
+                                    cross_attention_resolutions=cross)
+    else:
+        model = dataclasses.replace(cfg.model, num_classes=0, label_sizes=schema.sizes, text_dim=0,
+                                    cross_attention_resolutions=())
+    return dataclasses.replace(cfg, cond=cond, model=model)
 
 
 def _resize_model(model: dict, size: int) -> dict:

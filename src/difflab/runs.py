@@ -35,8 +35,8 @@ class Weights(str, Enum):
 
 
 def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, objective: LossConfig | Prediction | str, *,
-                      clip: Clip | str = Clip.CLIP,
-                      precision: Precision | str = Precision.AUTO, compile: bool = False) -> Denoiser:
+                      clip: Clip | str = Clip.CLIP, precision: Precision | str = Precision.AUTO, compile: bool = False,
+                      guidance: float = 1.0, guidance_interval: tuple[float, float] | None = None) -> Denoiser:
     """Any trained network as a denoiser on the sampling fast path (see :meth:`LoadedRun.denoiser`):
     bf16 autocast where the hardware does bf16 natively (``precision`` auto), channels_last, and
     optionally ``torch.compile``."""
@@ -46,7 +46,8 @@ def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, objective
     if compile:
         require_compiler(device, "--compile")
         network = torch.compile(model)
-    return Denoiser(network, schedule, objective, clip=clip, autocast=autocast_dtype(precision, device), channels_last=True)
+    return Denoiser(network, schedule, objective, clip=clip, autocast=autocast_dtype(precision, device), channels_last=True,
+                    guidance=guidance, guidance_interval=guidance_interval)
 
 
 @dataclass
@@ -58,14 +59,16 @@ class LoadedRun:
     step: int
 
     def denoiser(self, clip: Clip | str = Clip.CLIP, precision: Precision | str = Precision.AUTO,
-                 compile: bool = False) -> Denoiser:
+                 compile: bool = False, guidance: float = 1.0,
+                 guidance_interval: tuple[float, float] | None = None) -> Denoiser:
         """The run's network as a denoiser; x0_hat is clipped to the data range [-1, 1] by default
         (as in DDPM and improved-diffusion), which keeps undertrained models from saturating.
         ``precision`` auto runs the network in bf16 autocast where the hardware does bf16 natively
         (2.5x the images/s of fp32 for the 'small' preset on this project's CPU); fp32 forces fp32.
-        ``compile`` wraps the network in ``torch.compile`` (the first batches pay the compilation)."""
+        ``compile`` wraps the network in ``torch.compile`` (the first batches pay the compilation).
+        ``guidance`` is the classifier-free guidance weight (see :class:`Denoiser`)."""
         return sampling_denoiser(self.model, self.schedule, self.config.loss, clip=clip, precision=precision,
-                                 compile=compile)
+                                 compile=compile, guidance=guidance, guidance_interval=guidance_interval)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

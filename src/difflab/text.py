@@ -110,16 +110,23 @@ def _folder_fingerprint(folder: Path) -> str:
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """Hugging Face offline mode: the env vars and the copies the (imported) libraries took of them; restored on exit."""
+    """Hugging Face offline mode (the env vars and the copies the imported libraries took of them) and no weight-loading
+    progress bar; all restored on exit."""
     saved_env = {k: os.environ.get(k) for k in _OFFLINE_ENV}
     flags = [(m, attr, getattr(m, attr)) for name, attr in _OFFLINE_FLAGS
              if (m := sys.modules.get(name)) is not None and hasattr(m, attr)]
     os.environ.update(dict.fromkeys(_OFFLINE_ENV, "1"))
+    bars = sys.modules.get("transformers.utils.logging")  # its "Loading weights" bar is noise here
+    bars_were_on = bars is not None and bars.is_progress_bar_enabled()
     try:
         for module, attr, _ in flags:
             setattr(module, attr, True)
+        if bars_were_on:
+            bars.disable_progress_bar()  # type: ignore[union-attr]
         yield
     finally:
+        if bars_were_on:
+            bars.enable_progress_bar()  # type: ignore[union-attr]
         for module, attr, old in flags:
             setattr(module, attr, old)
         for k, v in saved_env.items():

@@ -102,6 +102,33 @@ def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> Non
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
 
 
+# -- what to generate ---------------------------------------------------------------------------------
+def add_condition_options(p: argparse.ArgumentParser) -> None:
+    """--class, --label, --prompt (what to generate; -n images of each) and --guidance."""
+    p.add_argument("--class", dest="classes", metavar="NAME[,NAME...]|all",
+                   help="class-conditional runs: the class(es) to generate (names or indices; all = every class), "
+                        "-n images each, one grid row each")
+    p.add_argument("--label", action="append", default=[], metavar="ATTR=VALUE,...",
+                   help="attribute runs: e.g. hair=blue,eyes=red (attributes left out are not conditioned on); "
+                        "repeat for several, -n images each")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="caption-trained runs: any sentence, e.g. 'a girl with blue hair and red eyes'; repeat for several")
+    p.add_argument("--guidance", type=nonneg_float, default=1.0,
+                   help="classifier-free guidance weight w: 0 unconditional, 1 conditional (default), >1 stronger")
+    p.add_argument("--guidance-interval", metavar="LO,HI", type=_interval,
+                   help="apply guidance only for noise levels sigma in [LO, HI] (e.g. 0.3,5); plain conditional elsewhere")
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO < HI, got {text!r}")
+    return lo, hi
+
+
 # -- picking a sampler ----------------------------------------------------------------------------
 # SamplerConfig fields that a flag of the same name sets (None = flag not given)
 _SAMPLER_FLAGS = ("steps", "eta", "churn", "spacing", "variance", "trailing")

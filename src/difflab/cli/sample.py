@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from difflab.cli.common import (
     Command,
+    add_condition_options,
     add_run_options,
     add_sampler_options,
     choices,
@@ -22,6 +24,7 @@ from difflab.cli.common import (
     sampler_config,
     sampler_name,
 )
+from difflab.errors import ConfigError
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +32,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
     add_run_options(p, compile=True)
     add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, unless the run was trained with one)")
-    p.add_argument("-n", type=positive_int, default=16, help="number of images (default 16)")
+    add_condition_options(p)
+    p.add_argument("-n", type=positive_int, default=16, help="number of images (of each class/label/prompt; default 16)")
     p.add_argument("--start", type=nonneg_int, default=0,
                    help="first image index: writes START+1 ... START+N, the same images a single run of START+N writes "
                         "(split one sample set across processes or sessions)")
@@ -50,6 +54,7 @@ def record_path(out: Path, start: int) -> Path:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from difflab.captions import condition_rows, requests
     from difflab.config import to_dict
     from difflab.io import atomic_write_json
     from difflab.runs import load_run
@@ -62,27 +67,39 @@ def run_sample(args: argparse.Namespace) -> int:
     run = load_run(args.run, weights=args.weights)
     cfg = sampler_config(args, run.config.sampler)
     make_grid(run.schedule, cfg)  # a bad --steps fails here, before any work
+    reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
+    if args.start and reqs:
+        raise ConfigError("--start splits an unconditional sample set; with --class/--label/--prompt sample each on its own")
+    cond: dict[str, Any] = dict(condition_rows(run.config.cond, reqs, args.n))  # keywords of sample_batches
+    total = args.n * max(len(reqs), 1)
     T = run.schedule.num_timesteps
     out = Path(args.out).expanduser() if args.out else run.path / "samples" / sampler_name(cfg, T)
-    first: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+    per_row = min(args.n, 8)
     t0 = time.monotonic()
-    denoiser = run.denoiser(args.clip, args.precision, args.compile)
-    for idx, imgs in sample_batches(denoiser, args.n, run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
-                                    start=args.start, progress=not args.no_progress):
+    denoiser = run.denoiser(args.clip, args.precision, args.compile, guidance=args.guidance,
+                            guidance_interval=args.guidance_interval)
+    for idx, imgs in sample_batches(denoiser, total, run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
+                                    start=args.start, progress=not args.no_progress, **cond):
         save_numbered(imgs, out, idx.start, args.format)
-        if len(first) * args.batch_size < 64:
-            first.append(imgs)
+        # the grid: the first 64 images, or the first `per_row` images of each request, one row each
+        kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if reqs else len(kept) < 64)]
     seconds = time.monotonic() - t0
     record = record_path(out, args.start)
+    schema = run.config.cond.schema
     atomic_write_json(record, {
-        "run": str(run.path), "step": run.step, "images": str(out), "n": args.n, "start": args.start, "seed": args.seed,
+        "run": str(run.path), "step": run.step, "images": str(out), "n": total, "start": args.start, "seed": args.seed,
         "weights": args.weights, "clip": args.clip, "precision": args.precision, "compile": args.compile,
         "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value, "nfe_per_image": cfg.nfe(T), "seconds": seconds,
+        "guidance": args.guidance, "guidance_interval": args.guidance_interval,
+        "conditions": [{"images": [k * args.n + 1, (k + 1) * args.n], "condition": r.description,
+                        "labels": None if r.labels is None or schema is None else schema.names(r.labels),
+                        "prompt": r.prompt} for k, r in enumerate(reqs)],
     })
     if grid_file is not None:
-        save_grid(torch.cat(first)[:64], grid_file)
-    print(f"wrote {args.n} images to {out} in {seconds:.1f} s ({args.n / seconds:.1f} images/s); record: {record}"
-          + (f"; grid: {grid_file}" if grid_file else ""))
+        save_grid(torch.stack(kept), grid_file, nrow=per_row if reqs else None)
+    print(f"wrote {total} images to {out} in {seconds:.1f} s ({total / seconds:.1f} images/s); record: {record}"
+          + (f"; grid: {grid_file}" + (" (one row per condition)" if reqs else "") if grid_file else ""))
     return 0
 
 

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from difflab.cli.common import Command, nonneg_float, out_folder, positive_int
 from difflab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from difflab.config import RunConfig
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,6 +18,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a folder of images (searched recursively) or 'fashion-mnist'")
     p.add_argument("--image-size", type=positive_int, help="training resolution in pixels (default 32)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grey) or 3 (RGB); default: the data's own")
+    p.add_argument("--labels", metavar="classes|folders|FILE.csv",
+                   help="train a conditional model: the built-in data set's classes, one sub-folder per class, or a CSV "
+                        "of image,attribute... rows (e.g. id,hair,eyes)")
+    p.add_argument("--captions", action="store_true",
+                   help="condition on text instead: captions built from the labels, embedded by cond.text_encoder "
+                        "(needs the [text] extra); sample with --prompt")
     p.add_argument("--out", help="run directory to create (or continue, with --resume)")
     p.add_argument("--config", help="a TOML file with [model], [schedule], [loss], [data], [train], [sampler] tables")
     p.add_argument("--preset", choices=preset_names(), help="network size preset (default: small)")
@@ -32,9 +42,27 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def _train_flags(args: argparse.Namespace) -> dict:
     return {
         "data.source": args.data, "data.image_size": args.image_size, "data.channels": args.channels,
+        "data.labels": args.labels, "cond.captions": True if args.captions else None,
         "train.max_steps": args.max_steps, "train.minutes": args.minutes, "train.batch_size": args.batch_size,
         "train.lr": args.lr, "train.seed": args.seed,
     }
+
+
+def _conditioned(cfg: RunConfig) -> RunConfig:
+    """The config with the data's label names and the network's condition inputs filled in (reads the
+    label file or the folder names, decodes no image; loads the text encoder for its size)."""
+    from difflab.config import condition_model
+    from difflab.data.dataset import label_schema
+
+    if cfg.cond.captions and cfg.data.labels == "none":
+        raise ConfigError("--captions builds captions from labels: give --labels too")
+    schema = label_schema(cfg.data.source, cfg.data.labels)
+    text_dim = 0
+    if schema is not None and cfg.cond.captions:
+        from difflab.text import TextEncoder
+
+        text_dim = TextEncoder(cfg.cond.text_encoder).dim
+    return condition_model(cfg, schema, text_dim)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -61,6 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError("train: --data PATH|fashion-mnist is required")
         toml = load_toml(args.config) if args.config else None
         cfg = resolve_config(preset=args.preset, toml=toml, flags=_train_flags(args), overrides=args.overrides)
+        cfg = _conditioned(cfg)
     if args.dry_run:
         print(cfg.to_json(), end="")
         return 0

@@ -6,6 +6,8 @@ Images are kept as uint8 (N x C x H x W) in memory; :func:`to_float` turns a bat
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +16,16 @@ import torch.nn.functional as F
 
 from difflab.data.decode import _check_channels, _check_size
 from difflab.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
-from difflab.data.images import load_folder
-from difflab.errors import DataError
+from difflab.data.images import find_images, load_folder
+from difflab.data.labels import (
+    FASHION_MNIST_CLASSES,
+    Labels,
+    LabelSchema,
+    csv_labels,
+    fashion_mnist_labels,
+    folder_labels,
+)
+from difflab.errors import ConfigError, DataError, DifflabWarning
 
 __all__ = ["BUILTIN_DATASETS", "ImageData", "load_dataset", "resize_uint8", "to_float", "to_uint8"]
 
@@ -25,10 +35,11 @@ BUILTIN_DATASETS = ("fashion-mnist",)
 
 @dataclass(frozen=True)
 class ImageData:
-    """Training images (uint8, N x C x H x W, contiguous), optional int64 labels, and provenance."""
+    """Training images (uint8, N x C x H x W, contiguous), their labels if asked for (one row per
+    image: :class:`~difflab.data.labels.Labels`), and provenance."""
 
     images: torch.Tensor
-    labels: torch.Tensor | None
+    labels: Labels | None
     source: str
     num_skipped: int
 
@@ -61,13 +72,46 @@ def resize_uint8(images: torch.Tensor, size: int, *, batch: int = 4096) -> torch
     return out
 
 
+def _labels_for(spec: str, name: str, root: Path | None, paths: Sequence[str], targets: torch.Tensor | None) -> Labels | None:
+    if spec == "none":
+        return None
+    if spec == "classes":
+        if targets is None:
+            raise ConfigError(f"--labels classes names a built-in data set's own classes ({', '.join(BUILTIN_DATASETS)}); "
+                              f"for the folder {name} use --labels folders or --labels FILE.csv")
+        return fashion_mnist_labels(targets)
+    if root is None:
+        raise ConfigError(f"--labels {spec} needs a folder of images, not the built-in {name}")
+    return folder_labels(paths, root) if spec == "folders" else csv_labels(spec, paths)
+
+
+def label_schema(spec: str | os.PathLike[str], labels: str) -> LabelSchema | None:
+    """The label names of a data source without decoding any image (for resolving a run's config);
+    the warnings about the label file come when the data is loaded."""
+    name = os.fspath(spec)
+    if labels == "none":
+        return None
+    if name in BUILTIN_DATASETS:
+        if labels != "classes":
+            _labels_for(labels, name, None, (), None)  # raises: folders/CSV need a folder
+        return LabelSchema(("class",), (FASHION_MNIST_CLASSES,))
+    root = Path(name).expanduser()
+    paths = [p.relative_to(root).as_posix() for p in find_images(root)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DifflabWarning)
+        found = _labels_for(labels, name, root, paths, None)
+    return None if found is None else found.schema
+
+
 def load_dataset(spec: str | os.PathLike[str], image_size: int, channels: int | None = None,
-                 *, progress: bool = True) -> ImageData:
+                 *, labels: str = "none", progress: bool = True) -> ImageData:
     """Training images from ``spec``: "fashion-mnist" (train split) or a folder of images.
 
     ``channels``: 1 or 3; default 1 for fashion-mnist (3 repeats the gray channel) and 3 for a
     folder. A folder is decoded by :func:`difflab.data.images.load_folder` (cached); to use a
-    folder that happens to be called "fashion-mnist", pass it as "./fashion-mnist".
+    folder that happens to be called "fashion-mnist", pass it as "./fashion-mnist". ``labels``
+    (``none``, ``classes``, ``folders`` or a CSV file, :mod:`difflab.data.labels`) attaches one label
+    row per image; images the labels leave out are dropped (the loader warns with a count).
     """
     image_size = _check_size(image_size)
     if channels is not None:
@@ -76,14 +120,14 @@ def load_dataset(spec: str | os.PathLike[str], image_size: int, channels: int | 
     if name in BUILTIN_DATASETS:
         ch = 1 if channels is None else channels
         folder = find_fashion_mnist(None, "train", progress=progress)
-        images, labels = load_fashion_mnist(folder, "train", progress=progress)
+        images, targets = load_fashion_mnist(folder, "train", progress=progress)
         images = resize_uint8(images, image_size)
         if ch == 3:
             images = images.expand(-1, 3, -1, -1)
         return ImageData(
             images=images.contiguous(),
-            labels=labels,
-            source=f"fashion-mnist train ({len(labels)} images from {folder.resolve()})",
+            labels=_labels_for(labels, name, None, (), targets),
+            source=f"fashion-mnist train ({len(targets)} images from {folder.resolve()})",
             num_skipped=0,
         )
     path = Path(name).expanduser()
@@ -91,10 +135,12 @@ def load_dataset(spec: str | os.PathLike[str], image_size: int, channels: int | 
         raise DataError(f"no such data folder {path} (built-in data sets: {', '.join(BUILTIN_DATASETS)})")
     ch = 3 if channels is None else channels
     decoded = load_folder(path, image_size, ch, progress=progress)
+    found = _labels_for(labels, name, path, decoded.paths, None)
+    images = decoded.images if found is None or bool(found.keep.all()) else decoded.images[found.keep].contiguous()
     skipped = f", {len(decoded.skipped)} skipped" if decoded.skipped else ""
     return ImageData(
-        images=decoded.images,
-        labels=None,
+        images=images,
+        labels=found,
         source=f"folder {path.resolve()} ({len(decoded.paths)} images{skipped})",
         num_skipped=len(decoded.skipped),
     )

@@ -49,6 +49,7 @@ from difflab.train.checkpoint import (
     require_run,
     save_checkpoint,
 )
+from difflab.train.conditions import TrainingConditions
 from difflab.train.ema import EMA
 from difflab.train.tensorboard import TensorBoardLog, require_tensorboard
 from difflab.visualize.images import make_grid, save_grid
@@ -139,6 +140,8 @@ class Trainer:
                 f"data has {c}-channel {h}px images but the model expects {cfg.model.in_channels}-channel "
                 f"{cfg.model.image_size}px"
             )
+        self.conditions = TrainingConditions(cfg.cond, self.data.labels, tc.cond_dropout, self.device,
+                                             progress=progress and self.dist.is_main)
         self.schedule = NoiseSchedule(cfg.schedule)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
             torch.manual_seed(tc.seed)
@@ -188,7 +191,8 @@ class Trainer:
         """Rank 0 decodes (and fills the cache) first; the other ranks then read the cache."""
         def load() -> ImageData:
             d = self.cfg.data
-            return load_dataset(d.source, d.image_size, d.channels or None, progress=self.progress and self.dist.is_main)
+            return load_dataset(d.source, d.image_size, d.channels or None, labels=d.labels,
+                                progress=self.progress and self.dist.is_main)
         if self.dist.world_size == 1:
             return load()
         if self.dist.is_main:
@@ -215,10 +219,10 @@ class Trainer:
                 self.epoch, self.pos = self.epoch + 1, 0
         return torch.cat(out)
 
-    def _batch(self) -> torch.Tensor:
-        x = to_float(self.data.images[self._next_indices(self.micro_batch)])
-        x = augment(x, self.cfg.data.augment, self.gen)
-        return x.to(self.device).contiguous(memory_format=self.memory_format)
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._next_indices(self.micro_batch)
+        x = augment(to_float(self.data.images[idx]), self.cfg.data.augment, self.gen)
+        return x.to(self.device).contiguous(memory_format=self.memory_format), idx
 
     # -- one optimizer step ------------------------------------------------------------
     def _train_step(self, sums: torch.Tensor) -> torch.Tensor:
@@ -226,12 +230,13 @@ class Trainer:
         for lr_group in self.optimizer.param_groups:
             lr_group["lr"] = lr_at(self.step, tc)
         for micro in range(tc.grad_accum):
-            x0 = self._batch()
+            x0, idx = self._batch()
             t = self.objective.sample_t(len(x0), self.gen)
             noise = torch.randn(x0.shape, generator=self.gen).to(self.device).contiguous(memory_format=self.memory_format)
+            cond = self.conditions.batch(idx, self.gen)
             sync = contextlib.nullcontext() if self.ddp is None or micro == tc.grad_accum - 1 else self.ddp.no_sync()
             with sync:
-                per_example = self.objective.loss(x0, t, noise)
+                per_example = self.objective.loss(x0, t, noise, **cond)
             (per_example.mean() / tc.grad_accum).backward()
             with torch.no_grad():  # loss sums per timestep quartile, read only at log time (no sync per step)
                 q = (t * 4 / T).floor().long().clamp(0, 3).to(self.device)
@@ -330,8 +335,9 @@ class Trainer:
             return
         c, s = self.cfg.model.in_channels, self.cfg.model.image_size
         with torch.random.fork_rng(devices=[]):  # sampling must not disturb training randomness
-            imgs = sample(self.denoiser(), self.cfg.train.sample_grid_size, (c, s, s), PREVIEW_SAMPLER,
-                          seed=self.cfg.train.seed, batch_size=64, device=self.device, progress=False)
+            n = self.cfg.train.sample_grid_size
+            imgs = sample(self.denoiser(), n, (c, s, s), PREVIEW_SAMPLER, seed=self.cfg.train.seed, batch_size=64,
+                          device=self.device, progress=False, **self.conditions.preview(n))
         out = self.run_dir / "samples"
         save_grid(imgs, out / f"step-{self.step:07d}.png", scale=2)
         save_grid(imgs, out / "latest.png", scale=2)

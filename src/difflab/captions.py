@@ -1,0 +1,141 @@
+"""Captions from labels, the table of their embeddings that text-conditioned training draws from, and
+the conditions asked for at sampling time (``--class``, ``--label``, ``--prompt``).
+
+A row of labels (one value per attribute, -1 = not given) and a template give a caption:
+``{list}`` = "blue hair, red eyes", ``{and}`` = "blue hair and red eyes", ``{and_reversed}`` = "red eyes
+and blue hair" (:data:`difflab.conditioning.DEFAULT_TEMPLATES`). With several attributes each part
+reads "<value> <attribute>"; a one-attribute schema (e.g. Fashion-MNIST's classes) uses the value
+alone. :class:`CaptionBank` embeds every caption the training can ask for once (every combination
+of given/not-given attributes times every template, cached on disk by
+:class:`~difflab.text.EmbeddingCache`) and looks rows up per batch, so training never runs the text
+encoder.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from difflab.conditioning import Cond, CondConfig, TextMode
+from difflab.data.labels import LabelSchema
+from difflab.errors import ConfigError
+
+
+def caption(schema: LabelSchema, row: Sequence[int], template: str) -> str:
+    """The caption of one label row under ``template`` ('' when no attribute is given)."""
+    parts = [value if len(schema.attributes) == 1 else f"{value} {attribute}"
+             for attribute, value in schema.names(row).items() if value is not None]
+    if not parts:
+        return ""
+    joined = " and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    reverse = list(reversed(parts))
+    joined_rev = " and ".join(reverse) if len(reverse) < 3 else ", ".join(reverse[:-1]) + " and " + reverse[-1]
+    try:
+        return template.format(list=", ".join(parts), **{"and": joined, "and_reversed": joined_rev})
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"caption template {template!r}: use only {{list}}, {{and}} and {{and_reversed}} ({e})") from None
+
+
+class CaptionBank:
+    """Every caption training may use, embedded once: ``lookup(labels, template_index)`` gives the
+    ``text`` (and ``text_tokens``/``text_mask``) conditions of a batch; rows with no attribute given
+    get the null text (zeros, no tokens)."""
+
+    def __init__(self, schema: LabelSchema, templates: Sequence[str], mode: TextMode, encoder: str,
+                 *, progress: bool = True) -> None:
+        from difflab.text import EmbeddingCache, TextEncoder
+
+        self.schema, self.templates, self.mode = schema, tuple(templates), mode
+        # every combination of "value or not given" over the attributes, all-not-given excluded
+        self.rows = [r for r in itertools.product(*[range(-1, n) for n in schema.sizes]) if any(v >= 0 for v in r)]
+        self._index = {row: i for i, row in enumerate(self.rows)}
+        texts = [caption(schema, row, t) for row in self.rows for t in self.templates]
+        emb = EmbeddingCache().get(TextEncoder(encoder), texts)
+        n, k = len(self.rows), len(self.templates)
+        self.pooled = emb.pooled.reshape(n, k, -1)
+        self.tokens = emb.tokens.reshape(n, k, *emb.tokens.shape[1:])
+        self.mask = emb.mask.reshape(n, k, -1)
+        self.dim = self.pooled.shape[-1]
+
+    def lookup(self, labels: Tensor, template: Tensor) -> Cond:
+        """Conditions for label rows (B, A) (-1 = not given) and template indices (B,)."""
+        labels, template = labels.cpu(), template.cpu()
+        rows = [self._index.get(tuple(r), -1) for r in labels.tolist()]
+        idx = torch.tensor(rows)
+        given = idx >= 0
+        safe = idx.clamp(min=0)
+        cond: Cond = {}
+        if self.mode is not TextMode.TOKENS:
+            cond["text"] = torch.where(given[:, None], self.pooled[safe, template], torch.zeros(()))
+        if self.mode is not TextMode.POOLED:
+            cond["text_tokens"] = torch.where(given[:, None, None], self.tokens[safe, template], torch.zeros(()))
+            cond["text_mask"] = self.mask[safe, template] & given[:, None]
+        return cond
+
+
+@dataclass(frozen=True)
+class Request:
+    """One condition asked for at sampling time: label indices (-1 = not given) or a prompt."""
+
+    description: str
+    labels: tuple[int, ...] | None = None
+    prompt: str | None = None
+
+
+def requests(cond: CondConfig, classes: str | None = None, labels: Sequence[str] = (),
+             prompts: Sequence[str] = ()) -> list[Request]:
+    """The requests of ``--class A,B|all``, ``--label hair=blue,eyes=red`` (repeatable) and ``--prompt``
+    (repeatable), checked against what the run was trained on; [] means unconditional."""
+    schema = cond.schema
+    if (classes or labels) and schema is None:
+        raise ConfigError("--class/--label: this run was trained without labels (train with --labels)")
+    if prompts and not cond.captions:
+        raise ConfigError("--prompt: this run was not trained on captions (train with --labels FILE --captions)")
+    out: list[Request] = []
+    if classes:
+        assert schema is not None
+        if len(schema.attributes) != 1:
+            raise ConfigError(f"--class is for runs with one label attribute; this run has {', '.join(schema.attributes)}: "
+                              "use --label attribute=value,...")
+        names = schema.classes[0] if classes.strip().lower() == "all" else [c.strip() for c in classes.split(",")]
+        for name in names:
+            try:
+                row = schema.parse(name)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("--label", "--class", 1)) from None
+            out.append(Request(schema.describe(row), labels=tuple(row)))
+    for text in labels:
+        assert schema is not None
+        row = schema.parse(text)
+        out.append(Request(schema.describe(row), labels=tuple(row)))
+    for prompt in prompts:
+        if not prompt.strip():
+            raise ConfigError("--prompt must not be empty (leave it out to sample unconditionally)")
+        out.append(Request(f"prompt {prompt!r}", prompt=prompt))
+    return out
+
+
+def condition_rows(cond: CondConfig, reqs: Sequence[Request], n: int) -> Cond:
+    """Per-image conditions for ``n`` images of each request, request after request (the keywords of
+    :func:`difflab.samplers.sample_batches`). Label requests on a caption-trained run become the
+    caption of the run's first template; prompts go through the run's text encoder."""
+    if not reqs:
+        return {}
+    if not cond.captions:
+        return {"labels": torch.tensor([r.labels for r in reqs]).repeat_interleave(n, 0)}
+    from difflab.text import EmbeddingCache, TextEncoder
+
+    schema = cond.schema
+    assert schema is not None
+    texts = [r.prompt if r.prompt is not None else caption(schema, r.labels or (), cond.templates[0]) for r in reqs]
+    emb = EmbeddingCache().get(TextEncoder(cond.text_encoder), texts)
+    out: Cond = {}
+    if cond.text_mode is not TextMode.TOKENS:
+        out["text"] = emb.pooled.repeat_interleave(n, 0)
+    if cond.text_mode is not TextMode.POOLED:
+        out["text_tokens"] = emb.tokens.repeat_interleave(n, 0)
+        out["text_mask"] = emb.mask.repeat_interleave(n, 0)
+    return out

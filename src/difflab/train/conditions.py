@@ -1,0 +1,74 @@
+"""The conditions a training batch carries (labels, or captions as text), with condition dropout, and
+the fixed conditions of the preview grids. Unconditional runs draw no random numbers here, so their
+training randomness is what it was before conditioning existed."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from difflab.conditioning import Cond, CondConfig, drop
+from difflab.data.labels import Labels, LabelSchema
+from difflab.errors import ConfigError
+
+
+def _remap(labels: Labels, schema: LabelSchema) -> torch.Tensor:
+    """The data's label rows in the run's index space (the run's config names the classes)."""
+    if labels.schema.attributes != schema.attributes:
+        raise ConfigError(f"the data's label attributes {list(labels.schema.attributes)} differ from the run's "
+                          f"{list(schema.attributes)}")
+    out = labels.index.clone()
+    for a, (mine, theirs) in enumerate(zip(schema.classes, labels.schema.classes)):
+        missing = sorted(set(theirs) - set(mine))
+        if missing:
+            raise ConfigError(f"the data has {schema.attributes[a]} values the run does not know: {', '.join(missing[:5])}")
+        table = torch.tensor([mine.index(name) for name in theirs])
+        out[:, a] = table[labels.index[:, a]]
+    return out
+
+
+class TrainingConditions:
+    """``batch(indices, generator)`` -> the condition keywords of those training images (dropped at
+    rate ``cond_dropout``); ``preview(n)`` -> fixed conditions for the sample grids (one class per
+    grid row for one attribute; rows spread over the data for several)."""
+
+    def __init__(self, cond: CondConfig, labels: Labels | None, cond_dropout: float, device: torch.device,
+                 *, progress: bool = True) -> None:
+        schema = cond.schema
+        self.device, self.p = device, cond_dropout
+        self.labels = None if schema is None or labels is None else _remap(labels, schema)
+        if schema is not None and labels is None:
+            raise ConfigError("the run is conditioned on labels but the data came without them (data.labels)")
+        self.bank = None
+        if schema is not None and cond.captions:
+            from difflab.captions import CaptionBank
+
+            self.bank = CaptionBank(schema, cond.templates, cond.text_mode, cond.text_encoder, progress=progress)
+
+    @property
+    def active(self) -> bool:
+        return self.labels is not None
+
+    def _to_cond(self, labels: torch.Tensor, template: torch.Tensor) -> Cond:
+        if self.bank is None:
+            return {"labels": labels.to(self.device)}
+        return {k: v.to(self.device) for k, v in self.bank.lookup(labels, template).items()}
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> Cond:
+        if self.labels is None:
+            return {}
+        labels = drop({"labels": self.labels[indices]}, self.p, generator)["labels"]
+        template = torch.zeros(len(indices), dtype=torch.long)
+        if self.bank is not None:
+            template = torch.randint(0, len(self.bank.templates), (len(indices),), generator=generator)
+        return self._to_cond(labels, template)
+
+    def preview(self, n: int) -> Cond:
+        if self.labels is None:
+            return {}
+        if self.labels.shape[1] == 1:  # one class per row of the (square) grid
+            k, per_row = int(self.labels.max()) + 1, max(1, math.ceil(math.sqrt(n)))
+            rows = (torch.arange(n) // per_row % k)[:, None]
+        else:
+            rows = self.labels[torch.linspace(0, len(self.labels) - 1, n).long()]
+        return self._to_cond(rows, torch.zeros(n, dtype=torch.long))

@@ -1,0 +1,128 @@
+"""Conditional training and sampling end to end on tiny runs: class labels, attribute tags and captions,
+guidance from the CLI, the names stored with the run, and bad label input as one-line errors."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from difflab.cli import main
+
+TINY = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--max-steps", "3", "--no-progress",
+        "train.sample_every=3", "train.sample_grid_size=4", "train.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory):
+    """12 images in two class folders, and a tags CSV over the same files (hair x eyes)."""
+    root = tmp_path_factory.mktemp("tagged")
+    g = torch.Generator().manual_seed(0)
+    rows = ["file,hair,eyes"]
+    for k in range(12):
+        cls = "cats" if k % 2 else "dogs"
+        (root / cls).mkdir(exist_ok=True)
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(root / cls / f"{k}.png")
+        rows.append(f"{cls}/{k}.png,{['blue', 'red', 'green'][k % 3]},{['brown', 'black'][k // 6]}")
+    (root / "tags.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _config(run):
+    return json.loads((run / "config.json").read_text())
+
+
+def _sample(capsys, run, *flags):
+    assert main(["sample", "--run", str(run), "--steps", "3", "--no-progress", *map(str, flags)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    return json.loads(open(out.split("record: ")[1].split(";")[0].strip()).read())
+
+
+def test_class_folders_train_and_sample_by_name(tmp_path, capsys, tagged):
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(tagged), "--labels", "folders", "--out", str(run), *TINY]) == 0
+    cfg = _config(run)
+    assert cfg["cond"]["attributes"] == ["class"] and cfg["cond"]["classes"] == [["cats", "dogs"]]
+    assert cfg["model"]["label_sizes"] == [2]
+    rec = _sample(capsys, run, "--class", "dogs,cats", "-n", 3, "--guidance", 3, "--out", tmp_path / "s",
+                  "--grid", tmp_path / "g.png")
+    assert rec["n"] == 6 and rec["guidance"] == 3.0
+    assert [c["condition"] for c in rec["conditions"]] == ["dogs", "cats"]
+    assert [c["images"] for c in rec["conditions"]] == [[1, 3], [4, 6]]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [f"{k}.jpg" for k in range(1, 7)]
+    with Image.open(tmp_path / "g.png") as grid:  # one row per class, 3 images each
+        assert grid.size == (3 * 18 + 2, 2 * 18 + 2)
+
+
+def test_attribute_tags_and_partial_labels(tmp_path, capsys, tagged):
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(tagged), "--labels", str(tagged / "tags.csv"), "--out", str(run), *TINY]) == 0
+    cfg = _config(run)
+    assert cfg["cond"]["attributes"] == ["hair", "eyes"] and cfg["model"]["label_sizes"] == [3, 2]
+    rec = _sample(capsys, run, "--label", "hair=red,eyes=black", "--label", "hair=green", "-n", 2, "--out", tmp_path / "s")
+    assert [c["labels"] for c in rec["conditions"]] == [{"hair": "red", "eyes": "black"}, {"hair": "green", "eyes": None}]
+
+
+def test_captions_train_and_any_prompt_samples(tmp_path, capsys, tagged):
+    pytest.importorskip("sentence_transformers", reason="the [text] extra")
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(tagged), "--labels", str(tagged / "tags.csv"), "--captions", "--out", str(run),
+                 *TINY, "cond.text_mode=both"]) == 0
+    cfg = _config(run)
+    assert cfg["cond"]["captions"] and cfg["model"]["text_dim"] == 384 and cfg["model"]["cross_attention_resolutions"] == [16, 8]
+    rec = _sample(capsys, run, "--prompt", "a girl with blue hair and brown eyes", "--prompt", "green hair", "-n", 2,
+                  "--guidance", 2, "--out", tmp_path / "s")
+    assert [c["prompt"] for c in rec["conditions"]] == ["a girl with blue hair and brown eyes", "green hair"]
+    rec = _sample(capsys, run, "--label", "hair=blue", "-n", 1, "--out", tmp_path / "s2")  # labels become a caption
+    assert rec["conditions"][0]["labels"] == {"hair": "blue", "eyes": None}
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tagged):
+    run = tmp_path_factory.mktemp("plain") / "r"
+    assert main(["train", "--data", str(tagged), "--out", str(run), *TINY]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory, tagged):
+    run = tmp_path_factory.mktemp("classes") / "r"
+    assert main(["train", "--data", str(tagged), "--labels", "folders", "--out", str(run), *TINY]) == 0
+    return run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--run", "{plain}", "--class", "cats"], "trained without labels"),
+    (["sample", "--run", "{classes}", "--class", "horse"], "--class 'horse': unknown class 'horse'; choose one of cats, dogs"),
+    (["sample", "--run", "{classes}", "--label", "fur=red"], "unknown label attribute 'fur'"),
+    (["sample", "--run", "{classes}", "--prompt", "a cat"], "not trained on captions"),
+    (["sample", "--run", "{classes}", "--class", "cats", "--guidance", "-1"], "--guidance"),
+    (["sample", "--run", "{classes}", "--class", "cats", "--guidance-interval", "5,1"], "LO < HI"),
+    (["sample", "--run", "{classes}", "--class", "cats", "--start", "4"], "--start"),
+    (["train", "--data", "{data}", "--captions", "--out", "{tmp}/x"], "--captions builds captions from labels"),
+    (["train", "--data", "{data}", "--labels", "classes", "--out", "{tmp}/x"], "--labels classes names a built-in"),
+    (["train", "--data", "fashion-mnist", "--labels", "folders", "--out", "{tmp}/x"], "needs a folder"),
+    (["train", "--data", "{data}", "--labels", "tags.txt", "--out", "{tmp}/x"], "--labels must be classes, folders or a .csv"),
+    (["train", "--data", "{data}", "--labels", "{tmp}/missing.csv", "--out", "{tmp}/x"], "missing.csv"),
+])
+def test_bad_conditioning_input_is_one_line(tmp_path, capsys, tagged, plain_run, class_run, argv, message):
+    fmt = dict(plain=plain_run, classes=class_run, data=tagged, tmp=tmp_path)
+    argv = [a.format(**fmt) for a in argv]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("difflab: error:") and message.format(**fmt) in err[0], err
+
+
+def test_conditional_training_is_reproducible_and_drops_conditions(tmp_path, tagged):
+    """The same seed gives the same weights (condition dropout draws from the training generator);
+    another cond_dropout gives other weights."""
+    from difflab.train.checkpoint import load_tensors
+
+    def train(name, *extra):
+        run = tmp_path / name
+        assert main(["train", "--data", str(tagged), "--labels", "folders", "--out", str(run), *TINY,
+                     "train.sample_every=0", *extra]) == 0
+        return load_tensors(run / "model.safetensors")
+
+    a, b, c = train("a"), train("b"), train("c", "train.cond_dropout=0.5")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
