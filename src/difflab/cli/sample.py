@@ -1,8 +1,7 @@
 """``difflab sample``: 1.jpg ... N.jpg from a trained run, and the record of how they were made.
 
-The images folder holds the images alone (a homework submission folder must); the record
-(``sampling.json``) is written beside it as ``<folder>.sampling.json`` (``<folder>.sampling-from-K.json``
-for a shard started at image K).
+The images folder holds the images alone (a homework submission folder must); the record is written
+beside it (:mod:`difflab.records`).
 """
 from __future__ import annotations
 
@@ -45,18 +44,12 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def record_path(out: Path, start: int) -> Path:
-    """Where the record of a sample set goes: beside its folder, never inside it."""
-    out = out.resolve()
-    return out.parent / (f"{out.name}.sampling.json" if start == 0 else f"{out.name}.sampling-from-{start + 1}.json")
-
-
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from difflab.captions import condition_rows, requests
     from difflab.config import to_dict
-    from difflab.io import atomic_write_json
+    from difflab.records import conditions, write_record
     from difflab.runs import load_run
     from difflab.samplers import make_grid, sample_batches
     from difflab.visualize.images import save_grid, save_numbered
@@ -85,17 +78,13 @@ def run_sample(args: argparse.Namespace) -> int:
         # the grid: the first 64 images, or the first `per_row` images of each request, one row each
         kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if reqs else len(kept) < 64)]
     seconds = time.monotonic() - t0
-    record = record_path(out, args.start)
-    schema = run.config.cond.schema
-    atomic_write_json(record, {
-        "run": str(run.path), "step": run.step, "images": str(out), "n": total, "start": args.start, "seed": args.seed,
+    record = write_record(out, {
+        "run": str(run.path), "step": run.step, "n": total, "start": args.start, "seed": args.seed,
         "weights": args.weights, "clip": args.clip, "precision": args.precision, "compile": args.compile,
         "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value, "nfe_per_image": cfg.nfe(T), "seconds": seconds,
         "guidance": args.guidance, "guidance_interval": args.guidance_interval,
-        "conditions": [{"images": [k * args.n + 1, (k + 1) * args.n], "condition": r.description,
-                        "labels": None if r.labels is None or schema is None else schema.names(r.labels),
-                        "prompt": r.prompt} for k, r in enumerate(reqs)],
-    })
+        "conditions": conditions(reqs, args.n, run.config.cond.schema),
+    }, args.start)
     if grid_file is not None:
         save_grid(torch.stack(kept), grid_file, nrow=per_row if reqs else None)
     print(f"wrote {total} images to {out} in {seconds:.1f} s ({total / seconds:.1f} images/s); record: {record}"
