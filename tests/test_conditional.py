@@ -126,3 +126,31 @@ def test_conditional_training_is_reproducible_and_drops_conditions(tmp_path, tag
     a, b, c = train("a"), train("b"), train("c", "train.cond_dropout=0.5")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_eval_accuracy_and_compare_guidance_sweep(tmp_path, capsys, class_run, monkeypatch):
+    """`eval --metrics accuracy --run` judges each image against the label its record asked for (a
+    classifier trained on the run's own labelled data); `compare --guidance 0,2` sweeps w."""
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    _sample(capsys, class_run, "--class", "all", "-n", 3, "--out", tmp_path / "s")
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--fake", str(tmp_path / "s"), "--metrics", "accuracy", "--run", str(class_run),
+                 "--json", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert set(r["accuracy"]) == {"class", "all"} and 0 <= r["accuracy"]["class"] <= 1
+    assert r["classifier"]["cached"] is False and "accuracy (class)" in printed
+    assert main(["eval", "--fake", str(tmp_path / "s"), "--metrics", "accuracy", "--run", str(class_run),
+                 "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["classifier"]["cached"] is True  # trained once
+    assert main(["eval", "--fake", str(tmp_path / "s"), "--metrics", "accuracy", "--no-progress"]) == 2
+    assert "--run is required for accuracy" in capsys.readouterr().err
+
+    cmp = tmp_path / "cmp"
+    assert main(["compare", "--run", str(class_run), "--samplers", "ddim-3", "--class", "all", "-n", "2",
+                 "--guidance", "0,2", "--out", str(cmp), "--no-progress"]) == 0, capsys.readouterr().err
+    result = json.loads((cmp / "compare.json").read_text())
+    assert [(row["sampler"], row["guidance"]) for row in result["rows"]] == [("ddim-3-w0", 0.0), ("ddim-3-w2", 2.0)]
+    assert all(row["accuracy"] is not None for row in result["rows"]) and (cmp / "guidance.png").is_file()
+    assert "guidance" in (cmp / "compare.md").read_text().splitlines()[0]
+    assert json.loads((cmp / "ddim-3-w2.sampling.json").read_text())["conditions"][1]["condition"] == "dogs"

@@ -282,6 +282,7 @@ def test_compare_detection_rate(tmp_path, capsys, tiny_run, lbp_cascade_path):
 def test_compare_detection_rate_finds_faces(tmp_path, anime_faces_dir, lbp_cascade_path):
     """The positive case: a 'model' whose x0 prediction is a real anime face makes every sampler's
     images that face, and compare must report them detected (a detector that never fires fails here)."""
+    from difflab.config import RunConfig
     from difflab.data.dataset import to_float
     from difflab.data.decode import open_image, resize_center_crop
     from difflab.denoiser import Denoiser
@@ -300,6 +301,7 @@ def test_compare_detection_rate_finds_faces(tmp_path, anime_faces_dir, lbp_casca
     class FaceRun:  # what run_comparison reads from a LoadedRun
         path, step, image_shape = tmp_path, 0, (3, 64, 64)
         schedule = NoiseSchedule.from_name("linear", T)
+        config = RunConfig()  # unconditional
 
         def denoiser(self, clip, precision):
             return Denoiser(FaceNet(), self.schedule, "x0", clip=clip)

@@ -103,8 +103,9 @@ def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> Non
 
 
 # -- what to generate ---------------------------------------------------------------------------------
-def add_condition_options(p: argparse.ArgumentParser) -> None:
-    """--class, --label, --prompt (what to generate; -n images of each) and --guidance."""
+def add_condition_options(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """--class, --label, --prompt (what to generate; -n images of each) and --guidance (with ``sweep``,
+    a comma list of weights, e.g. 0,1,2,4)."""
     p.add_argument("--class", dest="classes", metavar="NAME[,NAME...]|all",
                    help="class-conditional runs: the class(es) to generate (names or indices; all = every class), "
                         "-n images each, one grid row each")
@@ -113,10 +114,21 @@ def add_condition_options(p: argparse.ArgumentParser) -> None:
                         "repeat for several, -n images each")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="caption-trained runs: any sentence, e.g. 'a girl with blue hair and red eyes'; repeat for several")
-    p.add_argument("--guidance", type=nonneg_float, default=1.0,
-                   help="classifier-free guidance weight w: 0 unconditional, 1 conditional (default), >1 stronger")
+    if sweep:
+        p.add_argument("--guidance", type=_weights, default=(1.0,), metavar="W[,W...]",
+                       help="classifier-free guidance weights to compare, e.g. 0,1,2,4 (default 1)")
+    else:
+        p.add_argument("--guidance", type=nonneg_float, default=1.0,
+                       help="classifier-free guidance weight w: 0 unconditional, 1 conditional (default), >1 stronger")
     p.add_argument("--guidance-interval", metavar="LO,HI", type=_interval,
                    help="apply guidance only for noise levels sigma in [LO, HI] (e.g. 0.3,5); plain conditional elsewhere")
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    weights = tuple(nonneg_float(v.strip()) for v in text.split(","))
+    if len(set(weights)) != len(weights):
+        raise argparse.ArgumentTypeError(f"--guidance lists a weight twice: {text!r}")
+    return weights
 
 
 def _interval(text: str) -> tuple[float, float]:

@@ -26,7 +26,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", default=None, metavar="DIR|NPZ",
                         help="real images: a folder, or a stats file from `difflab fid-stats`")
     parser.add_argument("--fake", required=True, metavar="DIR", help="folder of generated images")
-    parser.add_argument("--metrics", default="fid,kid,detect", help="comma list of fid, kid, detect (default all)")
+    parser.add_argument("--metrics", default="fid,kid,detect",
+                        help="comma list of fid, kid, detect, accuracy (default fid,kid,detect; accuracy needs --run)")
+    parser.add_argument("--run", default=None, metavar="RUN",
+                        help="for accuracy: the conditional run the images came from; a classifier trained once on its "
+                             "labelled training data judges each image against the label its sampling record asked for")
     parser.add_argument("--detectors", default="lbp,animeface",
                         help="comma list of lbp, animeface; the first gives detect_rate (default lbp,animeface)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
@@ -36,7 +40,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cascade", default=None, metavar="FILE", help="lbpcascade_animeface.xml (default: search)")
     parser.add_argument("--detect-size", type=int, default=96, help="images are scaled to this before detection")
     parser.add_argument("--detect-pad", type=int, default=24, help="white border added before detection")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the real folder's statistics")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the real folder's statistics (and the judge)")
     _common_network_args(parser)
 
 
@@ -51,7 +55,7 @@ def run_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, threads=args.threads, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, seed=args.seed,
         detect=DetectProtocol(size=args.detect_size, pad=args.detect_pad),
-        cascade=args.cascade, fid_weights=args.fid_weights, use_cache=not args.no_cache,
+        cascade=args.cascade, fid_weights=args.fid_weights, use_cache=not args.no_cache, run=args.run,
         progress=not args.no_progress,
     )
     if args.json:

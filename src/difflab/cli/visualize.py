@@ -7,6 +7,7 @@ from pathlib import Path
 
 from difflab.cli.common import (
     Command,
+    add_condition_options,
     add_run_options,
     add_sampler_options,
     out_file,
@@ -172,11 +173,14 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.visualize.compare import DEFAULT_SAMPLERS
 
     add_run_options(p)
-    p.add_argument("-n", type=positive_int, default=1000, help="images per sampler (default 1000)")
+    add_condition_options(p, sweep=True)
+    p.add_argument("-n", type=positive_int, default=1000,
+                   help="images per sampler (default 1000; with --class/--label/--prompt: of each condition)")
     p.add_argument("--samplers", default=DEFAULT_SAMPLERS,
                    help="comma list of KIND[-STEPS][-etaETA] (default %(default)s; ddpm alone = every training step)")
     p.add_argument("--real", metavar="DIR|NPZ", help="real images (folder or `difflab fid-stats` file) for FID and KID")
-    p.add_argument("--metrics", help="comma list of fid, kid, detect (default: fid,kid with --real, else none)")
+    p.add_argument("--metrics", help="comma list of fid, kid, detect, accuracy (default: fid,kid with --real, "
+                                     "plus accuracy for --class/--label on a labelled run)")
     p.add_argument("--detectors", default="lbp,animeface", help="for detect: comma list of lbp, animeface")
     p.add_argument("--cascade", metavar="FILE", help="lbpcascade_animeface.xml for the lbp detector (default: search)")
     p.add_argument("--fid-weights", metavar="FILE", help="the FID network file (see `difflab eval --help`)")
@@ -187,10 +191,12 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from difflab.captions import requests
     from difflab.io import atomic_write_bytes, atomic_write_json
     from difflab.runs import load_run
     from difflab.visualize.compare import (
         comparison_figure,
+        guidance_figure,
         markdown_table,
         parse_sampler_specs,
         run_comparison,
@@ -198,7 +204,9 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     from difflab.visualize.figure import save_figure
 
-    metrics = args.metrics if args.metrics is not None else ("fid,kid" if args.real else "")
+    conditioned = bool(args.classes or args.label)
+    default = ",".join(["fid,kid"] * bool(args.real) + ["accuracy"] * conditioned)
+    metrics = args.metrics if args.metrics is not None else default
     metric_list = [m.strip() for m in metrics.split(",") if m.strip()]
     eval_kwargs = None
     if metric_list:
@@ -206,25 +214,31 @@ def run_compare(args: argparse.Namespace) -> int:
 
         eval_kwargs = {"real": args.real, "metrics": ",".join(metric_list), "detectors": args.detectors,
                        "cascade": args.cascade, "fid_weights": args.fid_weights,
-                       "kid_subset_size": args.kid_subset_size}
+                       "kid_subset_size": args.kid_subset_size, "run": args.run if "accuracy" in metric_list else None}
         EvalConfig(fake=".", **eval_kwargs)  # checks the metric names and that fid/kid have --real
         if args.real and not Path(args.real).expanduser().exists():
             raise DataError(f"--real {args.real} does not exist")
     out = out_folder(args.out, "--out") if args.out else None
     run = load_run(args.run, weights=args.weights)
     specs = parse_sampler_specs(args.samplers, run.schedule.num_timesteps)
+    reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
     out = out or run.path / "compare"
     result = run_comparison(run, specs, n=args.n, out=out, seed=args.seed, batch_size=args.batch_size,
-                            eval_kwargs=eval_kwargs, clip=args.clip, precision=args.precision, progress=not args.no_progress)
+                            eval_kwargs=eval_kwargs, clip=args.clip, precision=args.precision, progress=not args.no_progress,
+                            guidance=args.guidance, reqs=reqs)
     firsts = result.pop("_firsts")
     table = markdown_table(result)
     atomic_write_json(out / "compare.json", result)
     atomic_write_bytes(out / "compare.md", table.encode())
     save_figure(comparison_figure(result), out / "compare.png")
     save_figure(samples_figure(result, firsts), out / "samples.png")
+    extra = ""
+    if len(args.guidance) > 1:
+        save_figure(guidance_figure(result), out / "guidance.png")
+        extra = ", guidance.png"
     print(table)
     print(f"wrote {out}/compare.md, compare.json, compare.png (speed{' and quality' if eval_kwargs else ''}), "
-          f"samples.png; images in {out}/<sampler>/")
+          f"samples.png{extra}; images in {out}/<sampler>/")
     return 0
 
 

@@ -282,6 +282,21 @@ class Labels:
             if bool((self.index < -1).any()) or bool((self.index >= sizes).any()):
                 raise ValueError(f"Labels.index holds values outside -1..size-1 (sizes {self.schema.sizes})")
 
+    def in_schema(self, schema: LabelSchema) -> torch.Tensor:
+        """``index`` in the index space of another schema with the same attributes (a run's config names
+        the classes in its own order); ConfigError if a value here is unknown there."""
+        if schema.attributes != self.schema.attributes:
+            raise ConfigError(f"the data's label attributes {list(self.schema.attributes)} differ from "
+                              f"{list(schema.attributes)}")
+        out = self.index.clone()
+        for a, (mine, theirs) in enumerate(zip(schema.classes, self.schema.classes)):
+            missing = sorted(set(theirs) - set(mine))
+            if missing:
+                raise ConfigError(f"the data has {schema.attributes[a]} values the run does not know: {', '.join(missing[:5])}")
+            table = torch.tensor([mine.index(name) for name in theirs] + [-1])  # index -1 stays -1
+            out[:, a] = table[self.index[:, a]]
+        return out
+
 
 def _labels(schema: LabelSchema, rows: list[list[int]], keep: list[bool]) -> Labels:
     index = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(schema.attributes))

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from difflab.data.labels import LabelSchema
 from difflab.errors import ConfigError, DataError, parse_choice
 from difflab.metrics.detect import (
     DetectorKind,
@@ -43,6 +45,7 @@ class Metric(str, Enum):
     FID = "fid"
     KID = "kid"
     DETECT = "detect"
+    ACCURACY = "accuracy"  # conditional runs: does each image show the label it was asked for
 
 
 def check_positive_int(value: object, what: str) -> int:
@@ -82,6 +85,7 @@ class EvalConfig:
     fid_weights: str | None = None
     use_cache: bool = True
     progress: bool = True
+    run: str | None = None  # for accuracy: the conditional run whose training data trains the judge
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", _choices(Metric, self.metrics, "metric"))
@@ -97,6 +101,8 @@ class EvalConfig:
             raise ConfigError("--fake is required")
         if self.needs_inception and not self.real:
             raise ConfigError("--real is required for fid and kid")
+        if Metric.ACCURACY in self.metrics and not self.run:
+            raise ConfigError("--run is required for accuracy (the run's labelled data trains the classifier that judges)")
 
     @property
     def needs_inception(self) -> bool:
@@ -139,9 +145,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "fake": str(Path(cfg.fake).expanduser()), "real": cfg.real,
-        "fid": None, "kid_mean": None, "kid_std": None, "detect_rate": None,
+        "fid": None, "kid_mean": None, "kid_std": None, "detect_rate": None, "accuracy": None,
         "n_real": None, "n_fake": None,
     }
+    judge = None
+    if Metric.ACCURACY in cfg.metrics:
+        from difflab.metrics.judge import run_classifier
+
+        assert cfg.run is not None
+        t = time.perf_counter()
+        judge, hit = run_classifier(cfg.run, use_cache=cfg.use_cache, progress=cfg.progress)
+        timings["classifier_s"] = time.perf_counter() - t
+        result["classifier"] = {"held_out_accuracy": judge.val_accuracy, "cached": hit, "n_train": judge.n_train,
+                                "n_val": judge.n_val, "image_size": judge.config.image_size}
     protocol: dict[str, Any] = {}
     with torch_threads(cfg.threads):
         ref = extractor = None
@@ -158,13 +174,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             protocol["fid"] = {**extractor.protocol(), "backend": extractor.backend}
 
         t = time.perf_counter()
-        feats, counts = [], []
-        desc = "eval " + " + ".join(["inception"] * bool(extractor) + [d.name for d in detectors])
+        feats, counts, pixels = [], [], []
+        desc = "eval " + " + ".join(["inception"] * bool(extractor) + [d.name for d in detectors] + ["classifier"] * bool(judge))
         for batch in scan.batches(cfg.batch_size, progress=cfg.progress, desc=desc):
             if extractor is not None:
                 feats.append(extractor.images(batch))
             if detectors:
                 counts.append(detection_counts(batch, detectors, cfg.detect))
+            if judge is not None:
+                from difflab.metrics.judge import images_to_tensor
+
+                pixels.append(images_to_tensor(batch))
         timings["fake_pass_s"] = time.perf_counter() - t
         result["n_fake"] = len(scan.paths)
         result["n_fake_skipped"] = len(scan.skipped)
@@ -185,6 +205,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     "kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2 over random subsets",
                     "subsets": k.subsets, "subset_size": k.subset_size, "seed": cfg.seed, "std": "ddof=0",
                 }
+    if judge is not None:
+        from difflab.records import expected_labels
+
+        expected = expected_labels(cfg.fake, scan.paths, LabelSchema(judge.attributes, judge.classes))
+        result["accuracy"] = judge.accuracy(torch.cat(pixels), expected)
+        protocol["accuracy"] = {"classifier": "difflab.metrics.accuracy.LabelClassifier", "run": cfg.run,
+                                "asked": "the sampling record beside the folder"}
     if detectors:
         c = np.concatenate(counts)
         rates = {d.name: float((c[:, i] > 0).mean()) for i, d in enumerate(detectors)}
@@ -220,6 +247,12 @@ def format_table(result: dict[str, Any]) -> str:
     for key, value in result.items():
         if key.startswith("detect_rate_") and key != "detect_rate_primary":
             rows.append((f"detect rate ({key[len('detect_rate_'):]})", f"{value:.4f}"))
+    for key, value in (result.get("accuracy") or {}).items():
+        if value is not None:
+            rows.append((f"accuracy ({key})", f"{value:.4f}"))
+    if result.get("classifier"):
+        judged = result["classifier"]["held_out_accuracy"]
+        rows.append(("judge held-out accuracy", ", ".join(f"{k} {v:.4f}" for k, v in judged.items())))
     rows.append(("time", f"{result['timings']['total_s']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

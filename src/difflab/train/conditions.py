@@ -8,23 +8,8 @@ import math
 import torch
 
 from difflab.conditioning import Cond, CondConfig, drop
-from difflab.data.labels import Labels, LabelSchema
+from difflab.data.labels import Labels
 from difflab.errors import ConfigError
-
-
-def _remap(labels: Labels, schema: LabelSchema) -> torch.Tensor:
-    """The data's label rows in the run's index space (the run's config names the classes)."""
-    if labels.schema.attributes != schema.attributes:
-        raise ConfigError(f"the data's label attributes {list(labels.schema.attributes)} differ from the run's "
-                          f"{list(schema.attributes)}")
-    out = labels.index.clone()
-    for a, (mine, theirs) in enumerate(zip(schema.classes, labels.schema.classes)):
-        missing = sorted(set(theirs) - set(mine))
-        if missing:
-            raise ConfigError(f"the data has {schema.attributes[a]} values the run does not know: {', '.join(missing[:5])}")
-        table = torch.tensor([mine.index(name) for name in theirs])
-        out[:, a] = table[labels.index[:, a]]
-    return out
 
 
 class TrainingConditions:
@@ -36,7 +21,7 @@ class TrainingConditions:
                  *, progress: bool = True) -> None:
         schema = cond.schema
         self.device, self.p = device, cond_dropout
-        self.labels = None if schema is None or labels is None else _remap(labels, schema)
+        self.labels = None if schema is None or labels is None else labels.in_schema(schema)
         if schema is not None and labels is None:
             raise ConfigError("the run is conditioned on labels but the data came without them (data.labels)")
         self.bank = None

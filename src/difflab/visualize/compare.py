@@ -102,8 +102,9 @@ class _CallCounter:
 
 
 def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir: Path, *, seed: int,
-             batch_size: int, fmt: str = "png", progress: bool = True) -> dict[str, Any]:
-    """Sample ``n`` images with ``spec`` into ``out_dir`` (1.png ...); time the sampling alone."""
+             batch_size: int, fmt: str = "png", progress: bool = True, cond: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sample ``n`` images with ``spec`` into ``out_dir`` (1.png ...); time the sampling alone. ``cond``:
+    per-image conditions (:func:`difflab.samplers.sample_batches`)."""
     from difflab.visualize.images import save_numbered
 
     grid = make_grid(denoiser.schedule, spec.config)  # fail before any work
@@ -118,7 +119,7 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
                disable=not progress, leave=False)
     try:
         it = sample_batches(denoiser, n, shape, spec.config, seed=seed, batch_size=batch_size, progress=False,
-                            callback=lambda _: bar.update(1))
+                            callback=lambda _: bar.update(1), **(cond or {}))
         while True:
             t0 = time.perf_counter()
             try:
@@ -149,34 +150,48 @@ def warm_up(denoiser, shape: Sequence[int], batch: int) -> None:
 
 def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed: int = 0, batch_size: int = 64,
                    eval_kwargs: dict[str, Any] | None = None, clip: str = "clip", precision: str = "auto",
-                   progress: bool = True) -> dict[str, Any]:
-    """Generate with every sampler, then evaluate each folder; return the result dict written as JSON.
+                   progress: bool = True, guidance: Sequence[float] = (1.0,), reqs: Sequence[Any] = ()) -> dict[str, Any]:
+    """Generate with every sampler (and every guidance weight), then evaluate each folder; return the
+    result dict written as JSON.
 
     ``eval_kwargs`` are :class:`~difflab.metrics.evaluate.EvalConfig` fields (``real``,
-    ``metrics``, ...) or None to measure speed only.
+    ``metrics``, ...) or None to measure speed only. ``reqs`` (:func:`difflab.captions.requests`):
+    ``n`` images of each condition per row, recorded beside each folder for the accuracy metric.
     """
-    denoiser = run.denoiser(clip, precision)
-    warm_up(denoiser, run.image_shape, min(n, batch_size))
+    from difflab.captions import condition_rows
+    from difflab.records import conditions, write_record
+
+    base = run.denoiser(clip, precision)
+    cond = condition_rows(run.config.cond, reqs, n)
+    total = n * max(len(reqs), 1)
+    warm_up(base, run.image_shape, min(total, batch_size))
+    sweep = tuple(guidance) != (1.0,)
     rows = []
-    outer = tqdm(specs, desc="samplers", unit="sampler", disable=not progress or len(specs) < 2)
-    for spec in outer:
-        outer.set_postfix_str(spec.name)
-        rows.append(generate(denoiser, spec, n, run.image_shape, out / spec.name, seed=seed, batch_size=batch_size,
-                             progress=progress))
+    jobs = [(spec, w) for spec in specs for w in guidance]
+    outer = tqdm(jobs, desc="samplers", unit="sampler", disable=not progress or len(jobs) < 2)
+    for spec, w in outer:
+        name = f"{spec.name}-w{w:g}" if sweep else spec.name
+        outer.set_postfix_str(name)
+        row = generate(base if w == 1.0 else base.guided(w), spec, total, run.image_shape, out / name, seed=seed,
+                       batch_size=batch_size, progress=progress, cond=cond)
+        row.update(sampler=name, guidance=w)
+        write_record(out / name, {"run": str(run.path), "step": run.step, "n": total, "seed": seed, "guidance": w,
+                                  "sampler": to_dict(spec.config), "conditions": conditions(reqs, n, run.config.cond.schema)})
+        rows.append(row)
     outer.close()
     if eval_kwargs:
         from difflab.metrics.evaluate import EvalConfig, evaluate
 
         for row in rows:
             res = evaluate(EvalConfig(fake=row["folder"], progress=progress, **eval_kwargs))
-            row.update({k: res.get(k) for k in ("fid", "kid_mean", "kid_std", "detect_rate")})
+            row.update({k: res.get(k) for k in ("fid", "kid_mean", "kid_std", "detect_rate", "accuracy")})
             row["eval"] = {k: v for k, v in res.items() if k not in ("config",)}
     base = next((r for r in rows if r["kind"] == SamplerKind.DDPM.value and r["steps"] == run.schedule.num_timesteps), None)
     for row in rows:
         row["speedup_vs_ddpm"] = base["seconds"] / row["seconds"] if base and row["seconds"] > 0 else None
     firsts = [r.pop("_first") for r in rows]
-    return {"run": str(run.path), "step": run.step, "n": n, "seed": seed, "batch_size": batch_size, "clip": clip,
-            "precision": precision,
+    return {"run": str(run.path), "step": run.step, "n": total, "seed": seed, "batch_size": batch_size, "clip": clip,
+            "precision": precision, "guidance": list(guidance), "conditions": [r.description for r in reqs],
             "num_timesteps": run.schedule.num_timesteps, "image_shape": list(run.image_shape),
             "threads": torch.get_num_threads(), "metrics": (eval_kwargs or {}).get("metrics", []),
             "real": (eval_kwargs or {}).get("real"), "rows": rows, "_firsts": firsts}
@@ -188,20 +203,27 @@ def _f(v: Any, spec: str) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The comparison as a markdown table, one row per sampler, in the order they ran."""
-    have = {k: any(r.get(k) is not None for r in result["rows"]) for k in ("fid", "kid_mean", "detect_rate")}
-    head = ["sampler", "steps", "eta", "network evals / image", "wall time (s)", "images/s", "speed-up vs DDPM"]
+    have = {k: any(r.get(k) is not None for r in result["rows"]) for k in ("fid", "kid_mean", "detect_rate", "accuracy")}
+    sweep = any(r.get("guidance", 1.0) != 1.0 for r in result["rows"])
+    head = ["sampler", "steps", "eta"] + ["guidance"] * sweep
+    head += ["network evals / image", "wall time (s)", "images/s", "speed-up vs DDPM"]
     head += ["FID"] * have["fid"] + ["KID (x1000)"] * have["kid_mean"] + ["detection rate"] * have["detect_rate"]
+    head += ["accuracy"] * have["accuracy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in result["rows"]:
         eta = f"{r['eta']:g}" if r["kind"] == SamplerKind.DDIM.value else "-"
-        cells = [f"`{r['sampler']}`", str(r["steps"]), eta, f"{r['nfe']:g}", f"{r['seconds']:.2f}",
-                 f"{r['images_per_s']:.2f}", _f(r["speedup_vs_ddpm"], ".1f") + ("x" if r["speedup_vs_ddpm"] else "")]
+        cells = [f"`{r['sampler']}`", str(r["steps"]), eta] + [f"{r.get('guidance', 1.0):g}"] * sweep
+        cells += [f"{r['nfe']:g}", f"{r['seconds']:.2f}", f"{r['images_per_s']:.2f}",
+                  _f(r["speedup_vs_ddpm"], ".1f") + ("x" if r["speedup_vs_ddpm"] else "")]
         if have["fid"]:
             cells.append(_f(r.get("fid"), ".2f"))
         if have["kid_mean"]:
             cells.append("-" if r.get("kid_mean") is None else f"{1000 * r['kid_mean']:.2f} ± {1000 * r['kid_std']:.2f}")
         if have["detect_rate"]:
             cells.append(_f(r.get("detect_rate"), ".3f"))
+        if have["accuracy"]:
+            acc = r.get("accuracy") or {}
+            cells.append(", ".join(f"{k} {v:.3f}" for k, v in acc.items() if v is not None) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     threads = f"{result['threads']} torch thread" + ("s" if result["threads"] != 1 else "")
     note = (f"\n{result['n']} images per sampler, seeds ({result['seed']}, k) for image k (the same initial noise for "
@@ -209,6 +231,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{threads}. Wall time is sampling only (no file writing).")
     if result.get("real"):
         note += f" FID/KID against `{result['real']}`."
+    if result.get("conditions"):
+        note += f" Conditions: {', '.join(result['conditions'])} ({result['n'] // len(result['conditions'])} images each)."
     return "\n".join(lines) + "\n\n" + note.lstrip("\n") + "\n"
 
 
@@ -284,3 +308,38 @@ def samples_figure(result: dict[str, Any], firsts: Sequence[torch.Tensor]):
                              row_titles=[r["sampler"] for r in result["rows"]],
                              panel_titles=["Same initial noise, different samplers"])
 
+
+
+def guidance_figure(result: dict[str, Any]):
+    """A guidance sweep: quality (FID, else KID) and conditional accuracy against the guidance weight w,
+    one line per sampler: the trade-off classifier-free guidance makes."""
+    from difflab.visualize.figure import new_figure
+
+    rows = [r for r in result["rows"] if r.get("guidance") is not None]
+    quality = next((k for k in ("fid", "kid_mean") if any(r.get(k) is not None for r in rows)), None)
+    panels = [p for p in (quality, "accuracy") if p and any(r.get(p) is not None for r in rows)] or ["images_per_s"]
+    fig = new_figure(5.5 * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels))
+    axes = list(axes) if len(panels) > 1 else [axes]
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(r["sampler"].rsplit("-w", 1)[0], []).append(r)
+    labels = {"fid": "FID (lower is better)", "kid_mean": "KID (lower is better)", "images_per_s": "images per second",
+              "accuracy": "conditional accuracy (higher is better)"}
+    for ax, panel in zip(axes, panels):
+        for name, rs in lines.items():
+            rs = sorted(rs, key=lambda r: r["guidance"])
+            if panel == "accuracy":
+                keys = [k for k in (rs[0].get("accuracy") or {}) if (rs[0]["accuracy"] or {}).get(k) is not None]
+                for key in keys:
+                    ax.plot([r["guidance"] for r in rs], [(r.get("accuracy") or {}).get(key) for r in rs], marker="o",
+                            label=f"{name}: {key}")
+            else:
+                ax.plot([r["guidance"] for r in rs], [r.get(panel) for r in rs], marker="o", label=name)
+        ax.set(xlabel="guidance weight w (0 = unconditional, 1 = conditional)", ylabel=labels[panel])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Classifier-free guidance on {Path(result['run']).name} (step {result['step']}, n = {result['n']})",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,137 @@
+"""Text-prompted anime faces (issue 14): hair- and eye-colour accuracy for prompt phrasings the training
+captions never used, and FID, against the guidance weight; pooled sentence vector vs cross-attention.
+
+Stages (each skipped when its output exists):
+
+1. train on ``../shared/data/anime-tagged`` (64 px faces tagged with hair and eye colour) at 32 px with
+   ``--captions``: one run per ``--modes`` entry (``pooled``: the sentence vector added to the time
+   embedding; ``both``: that plus cross-attention over the token embeddings at the two lowest resolutions),
+   the same number of steps each;
+2. per run and guidance weight: ``--per-prompt`` images for each of ``--pairs`` (hair, eyes) pairs, every
+   pair asked with a held-out phrasing (:data:`HELD_OUT`, none of them a training template), recorded with
+   the labels they ask for; scored by ``difflab eval``'s accuracy (a classifier trained on the tagged
+   training images) and, with ``--fid``, FID/KID against a fixed subset of the real faces.
+
+    python bench/text_tags.py --steps 2500 --modes pooled,both --guidance 1,2,3,5 --fid
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TAGS = ROOT.parent / "shared" / "data" / "anime-tagged"
+DIFFLAB = [sys.executable, "-m", "difflab"]
+
+# Phrasings for evaluation only: none is a training template (difflab.conditioning.DEFAULT_TEMPLATES).
+HELD_OUT = (
+    "a portrait of someone whose hair is {hair} and whose eyes are {eyes}",
+    "{hair}-haired anime girl with {eyes} eyes",
+    "character art: {eyes} eyes, {hair} hair",
+    "an illustration of a person with {hair} colored hair and {eyes} colored eyes",
+)
+
+
+def sh(*argv: str) -> None:
+    print("$", " ".join(argv), flush=True)
+    subprocess.run(list(argv), check=True, cwd=ROOT)
+
+
+def pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` (hair, eyes) pairs that occur in the data, every hair colour at least once if n >= 12."""
+    rows = [line.split(",") for line in (TAGS / "tags.csv").read_text().splitlines()[1:]]
+    seen = sorted({(h, e) for _, h, e in rows})
+    rng = random.Random(seed)
+    by_hair: dict[str, list[tuple[str, str]]] = {}
+    for h, e in seen:
+        by_hair.setdefault(h, []).append((h, e))
+    chosen = [rng.choice(v) for _, v in sorted(by_hair.items())]
+    rest = [p for p in seen if p not in chosen]
+    rng.shuffle(rest)
+    return (chosen + rest)[:n]
+
+
+def real_subset(out: Path, n: int) -> Path:
+    """A fixed folder of ``n`` real tagged faces (symlinks), the FID reference."""
+    folder = out / f"anime-tagged-real-{n}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        files = sorted((TAGS / "images").iterdir())
+        for f in random.Random(1).sample(files, n):
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
+def evaluate(run: Path, mode_dir: Path, w: float, prs: list[tuple[str, str]], per_prompt: int, real: Path | None) -> dict:
+    from difflab.captions import Request
+    from difflab.metrics.evaluate import EvalConfig, evaluate as run_eval
+    from difflab.runs import load_run
+    from difflab.visualize.compare import parse_sampler_specs, run_comparison
+
+    loaded = load_run(run)
+    schema = loaded.config.cond.schema
+    reqs = [Request(f"{h} hair, {e} eyes", labels=tuple(schema.parse(f"hair={h},eyes={e}")),
+                    prompt=HELD_OUT[k % len(HELD_OUT)].format(hair=h, eyes=e)) for k, (h, e) in enumerate(prs)]
+    out = mode_dir / f"w{w:g}"
+    res_file = out / "result.json"
+    if res_file.exists():
+        return json.loads(res_file.read_text())
+    spec = parse_sampler_specs("dpmpp-2m-sde-20", loaded.schedule.num_timesteps)
+    result = run_comparison(loaded, spec, n=per_prompt, out=out, guidance=(w,) if w != 1.0 else (1.0,), reqs=reqs,
+                            batch_size=100, progress=False)
+    row = result["rows"][0]
+    metrics = "fid,kid,accuracy" if real else "accuracy"
+    scores = run_eval(EvalConfig(fake=row["folder"], real=str(real) if real else None, metrics=metrics, run=str(run),
+                                 kid_subset_size=min(1000, per_prompt * len(prs)), progress=False))
+    summary = {"guidance": w, "accuracy": scores["accuracy"], "fid": scores["fid"], "kid_mean": scores["kid_mean"],
+               "images_per_s": row["images_per_s"], "judge": scores["classifier"]["held_out_accuracy"],
+               "n": per_prompt * len(prs)}
+    res_file.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--modes", default="pooled,both")
+    p.add_argument("--guidance", default="1,2,3,5")
+    p.add_argument("--pairs", type=int, default=20)
+    p.add_argument("--per-prompt", type=int, default=50)
+    p.add_argument("--fid", action="store_true", help="also FID/KID (against --real-n real faces)")
+    p.add_argument("--real-n", type=int, default=5000)
+    p.add_argument("--runs", default="runs")
+    args = p.parse_args()
+    runs = ROOT / args.runs
+    prs = pairs(args.pairs)
+    real = real_subset(runs, args.real_n) if args.fid else None
+    if real:
+        sh(*DIFFLAB, "fid-stats", str(real), "--no-progress")
+    table = []
+    for mode in args.modes.split(","):
+        run = runs / f"tags-{mode}"
+        if not (run / "model.safetensors").exists():
+            sh(*DIFFLAB, "train", "--data", str(TAGS / "images"), "--labels", str(TAGS / "tags.csv"), "--captions",
+               "--image-size", "32", "--out", str(run), "--max-steps", str(args.steps), "--no-progress",
+               "train.sample_every=500", f"cond.text_mode={mode}")
+        for w in [float(v) for v in args.guidance.split(",")]:
+            r = evaluate(run, run / "heldout", w, prs, args.per_prompt, real)
+            table.append((mode, r))
+            print(mode, json.dumps(r), flush=True)
+    print("\n| text input | w | hair acc | eyes acc | both | FID | KID x1000 | images/s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, r in table:
+        a = r["accuracy"]
+        fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
+        kid = "-" if r["kid_mean"] is None else f"{1000 * r['kid_mean']:.2f}"
+        print(f"| {mode} | {r['guidance']:g} | {a['hair']:.3f} | {a['eyes']:.3f} | {a['all']:.3f} | {fid} | {kid} | "
+              f"{r['images_per_s']:.1f} |")
+    best_mode, best = max(table, key=lambda mr: mr[1]["accuracy"]["hair"])
+    print(f"best={best_mode} w={best['guidance']:g} hair_accuracy={best['accuracy']['hair']:.3f} "
+          f"eyes_accuracy={best['accuracy']['eyes']:.3f} judge_hair={best['judge']['hair']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
