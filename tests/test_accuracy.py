@@ -1,6 +1,6 @@
-"""Conditional accuracy (difflab.metrics.accuracy): the accuracy arithmetic on hand-made
-predictions, training on a separable synthetic set, determinism, the cache, save/load, input
-conversion, and (slow) the Fashion-MNIST quality bar."""
+"""Conditional accuracy (difflab.metrics.accuracy, and its cache difflab.metrics.classifier_cache):
+the accuracy arithmetic on hand-made predictions, training on a separable synthetic set,
+determinism, the cache, save/load, input conversion, and (slow) the Fashion-MNIST quality bar."""
 from __future__ import annotations
 
 import json
@@ -13,16 +13,15 @@ import torch
 from PIL import Image
 
 import difflab.metrics.accuracy as acc
+import difflab.metrics.classifier_cache as cache
 from difflab.errors import CheckpointError, ConfigError, DifflabWarning
 from difflab.metrics.accuracy import (
     ClassifierConfig,
     LabelClassifier,
     TrainedClassifier,
-    classifier_for,
-    load_classifier,
-    save_classifier,
     train_classifier,
 )
+from difflab.metrics.classifier_cache import classifier_for, load_classifier, save_classifier
 
 ATTRS = ("light", "stripes")
 CLASSES = (("dark", "bright"), ("horizontal", "vertical"))
@@ -283,7 +282,7 @@ def test_cache_hit_and_damaged_entry(data: tuple[torch.Tensor, torch.Tensor], mo
         raise AssertionError("a cache hit must not train")
 
     with monkeypatch.context() as m:
-        m.setattr(acc, "train_classifier", no_training)
+        m.setattr(cache, "train_classifier", no_training)  # the name classifier_for calls
         second, hit = classifier_for(images, labels, ATTRS, CLASSES, data_key="cache-test", config=cfg, progress=False)
         assert hit
         assert torch.equal(second.predict(images), first.predict(images))
@@ -296,8 +295,8 @@ def test_cache_hit_and_damaged_entry(data: tuple[torch.Tensor, torch.Tensor], mo
             with pytest.raises(AssertionError, match="must not train"):
                 classifier_for(images, labels, ATTRS, names, data_key=key, config=config, progress=False)
 
-    folders = [p for p in acc.cache_dir("classifiers").iterdir() if p.name.startswith(
-        acc.classifier_key("cache-test", ATTRS, CLASSES, cfg))]
+    folders = [p for p in cache.cache_dir("classifiers").iterdir() if p.name.startswith(
+        cache.classifier_key("cache-test", ATTRS, CLASSES, cfg))]
     assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == ["meta.json", "weights.safetensors"]
     (folders[0] / "weights.safetensors").write_bytes(b"not a safetensors file")
     with pytest.warns(DifflabWarning, match="damaged cache entry"):

@@ -21,10 +21,10 @@ from difflab.data.labels import (
     FASHION_MNIST_CLASSES,
     Labels,
     LabelSchema,
-    csv_labels,
     fashion_mnist_labels,
     folder_labels,
 )
+from difflab.data.labels_csv import csv_labels
 from difflab.errors import ConfigError, DataError, DifflabWarning
 
 HAIR_EYES = LabelSchema(attributes=("hair", "eyes"), classes=(("black", "blue", "red"), ("blue", "green", "red", "yellow")))

@@ -45,7 +45,7 @@ class LRDecay(str, Enum):
 class DataConfig:
     """``source`` is ``fashion-mnist`` or a folder of images; ``channels`` 0 means the source's own.
     ``labels``: ``none``, ``classes`` (the built-in data set's own), ``folders`` (one sub-folder per class)
-    or a CSV file of ``image,attribute...`` rows (:mod:`difflab.data.labels`)."""
+    or a CSV file of ``image,attribute...`` rows (:mod:`difflab.data.labels_csv`)."""
 
     source: str = "fashion-mnist"
     image_size: int = 32

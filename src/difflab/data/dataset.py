@@ -21,10 +21,10 @@ from difflab.data.labels import (
     FASHION_MNIST_CLASSES,
     Labels,
     LabelSchema,
-    csv_labels,
     fashion_mnist_labels,
     folder_labels,
 )
+from difflab.data.labels_csv import csv_labels
 from difflab.errors import ConfigError, DataError, DifflabWarning
 
 __all__ = ["BUILTIN_DATASETS", "ImageData", "load_dataset", "resize_uint8", "to_float", "to_uint8"]
@@ -110,8 +110,8 @@ def load_dataset(spec: str | os.PathLike[str], image_size: int, channels: int | 
     ``channels``: 1 or 3; default 1 for fashion-mnist (3 repeats the gray channel) and 3 for a
     folder. A folder is decoded by :func:`difflab.data.images.load_folder` (cached); to use a
     folder that happens to be called "fashion-mnist", pass it as "./fashion-mnist". ``labels``
-    (``none``, ``classes``, ``folders`` or a CSV file, :mod:`difflab.data.labels`) attaches one label
-    row per image; images the labels leave out are dropped (the loader warns with a count).
+    (``none``, ``classes``, ``folders`` or a CSV file, :mod:`difflab.data.labels`, :mod:`difflab.data.labels_csv`)
+    attaches one label row per image; images the labels leave out are dropped (the loader warns with a count).
     """
     image_size = _check_size(image_size)
     if channels is not None:

@@ -1,6 +1,7 @@
 """The judge of a conditional run: the label classifier trained on the run's own labelled training data
-(:mod:`difflab.metrics.accuracy`), cached per data set, and the accuracy of generated images against
-the labels they were asked for (read from the sampling record beside their folder, :mod:`difflab.records`)."""
+(:mod:`difflab.metrics.accuracy`), cached per data set (:mod:`difflab.metrics.classifier_cache`), and the
+accuracy of generated images against the labels they were asked for (read from the sampling record beside
+their folder, :mod:`difflab.records`)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 
 from difflab.errors import ConfigError
-from difflab.metrics.accuracy import ClassifierConfig, TrainedClassifier, classifier_for
+from difflab.metrics.accuracy import ClassifierConfig, TrainedClassifier
+from difflab.metrics.classifier_cache import classifier_for
 
 
 def _data_key(source: str, labels: str, image_size: int, channels: int) -> str:
