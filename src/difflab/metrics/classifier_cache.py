@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning
-from difflab.io import atomic_path, atomic_write_json, cache_dir, fsync_dir
+from difflab.io import atomic_path, atomic_write_json, cache_dir, fsync_dir, sha256_file
 from difflab.metrics.accuracy import ClassifierConfig, LabelClassifier, TrainedClassifier, _check_names, train_classifier
 from difflab.precision import to_memory_format
 from difflab.train.checkpoint import load_tensors, load_weights, save_tensors
@@ -49,21 +49,13 @@ META = "meta.json"
 _STALE_TMP_SECONDS = 3600.0
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_classifier(c: TrainedClassifier, folder: Path) -> None:
     """Write ``folder/weights.safetensors`` then ``folder/meta.json`` (each atomically; no pickle)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / WEIGHTS) as tmp:
         save_tensors(dict(c.model.state_dict()), tmp)
-        digest = _sha256_file(tmp)
+        digest = sha256_file(tmp)
     atomic_write_json(folder / META, {
         "format": CLASSIFIER_FORMAT,
         "config": c.config.to_dict(),
@@ -106,7 +98,7 @@ def load_classifier(folder: Path) -> TrainedClassifier:
     if sizes != tuple(len(k) for k in names):
         raise CheckpointError(f"{meta_path} is damaged: sizes {list(sizes)} do not match the class lists")
     try:
-        actual = _sha256_file(weights_path)
+        actual = sha256_file(weights_path)
     except FileNotFoundError:
         raise CheckpointError(f"classifier weights {weights_path} are missing") from None
     except OSError as e:

