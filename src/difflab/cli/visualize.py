@@ -225,7 +225,7 @@ def run_compare(args: argparse.Namespace) -> int:
     out = out or run.path / "compare"
     result = run_comparison(run, specs, n=args.n, out=out, seed=args.seed, batch_size=args.batch_size,
                             eval_kwargs=eval_kwargs, clip=args.clip, precision=args.precision, progress=not args.no_progress,
-                            guidance=args.guidance, reqs=reqs)
+                            guidance=args.guidance, reqs=reqs, guidance_interval=args.guidance_interval)
     firsts = result.pop("_firsts")
     table = markdown_table(result)
     atomic_write_json(out / "compare.json", result)

@@ -150,7 +150,8 @@ def warm_up(denoiser, shape: Sequence[int], batch: int) -> None:
 
 def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed: int = 0, batch_size: int = 64,
                    eval_kwargs: dict[str, Any] | None = None, clip: str = "clip", precision: str = "auto",
-                   progress: bool = True, guidance: Sequence[float] = (1.0,), reqs: Sequence[Any] = ()) -> dict[str, Any]:
+                   progress: bool = True, guidance: Sequence[float] = (1.0,), reqs: Sequence[Any] = (),
+                   guidance_interval: tuple[float, float] | None = None) -> dict[str, Any]:
     """Generate with every sampler (and every guidance weight), then evaluate each folder; return the
     result dict written as JSON.
 
@@ -172,9 +173,9 @@ def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed
     for spec, w in outer:
         name = f"{spec.name}-w{w:g}" if sweep else spec.name
         outer.set_postfix_str(name)
-        row = generate(base if w == 1.0 else base.guided(w), spec, total, run.image_shape, out / name, seed=seed,
+        row = generate(base if w == 1.0 else base.guided(w, guidance_interval), spec, total, run.image_shape, out / name, seed=seed,
                        batch_size=batch_size, progress=progress, cond=cond)
-        row.update(sampler=name, guidance=w)
+        row.update(sampler=name, guidance=w, guidance_interval=guidance_interval)
         write_record(out / name, {"run": str(run.path), "step": run.step, "n": total, "seed": seed, "guidance": w,
                                   "sampler": to_dict(spec.config), "conditions": conditions(reqs, n, run.config.cond.schema)})
         rows.append(row)
