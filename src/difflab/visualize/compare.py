@@ -173,8 +173,9 @@ def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed
     for spec, w in outer:
         name = f"{spec.name}-w{w:g}" if sweep else spec.name
         outer.set_postfix_str(name)
-        row = generate(base if w == 1.0 else base.guided(w, guidance_interval), spec, total, run.image_shape, out / name, seed=seed,
-                       batch_size=batch_size, progress=progress, cond=cond)
+        den = base if w == 1.0 else base.guided(w, guidance_interval)
+        row = generate(den, spec, total, run.image_shape, out / name, seed=seed, batch_size=batch_size, progress=progress,
+                       cond=cond)
         row.update(sampler=name, guidance=w, guidance_interval=guidance_interval)
         write_record(out / name, {"run": str(run.path), "step": run.step, "n": total, "seed": seed, "guidance": w,
                                   "sampler": to_dict(spec.config), "conditions": conditions(reqs, n, run.config.cond.schema)})
