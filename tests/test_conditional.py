@@ -151,6 +151,7 @@ def test_eval_accuracy_and_compare_guidance_sweep(tmp_path, capsys, class_run, m
                  "--guidance", "0,2", "--out", str(cmp), "--no-progress"]) == 0, capsys.readouterr().err
     result = json.loads((cmp / "compare.json").read_text())
     assert [(row["sampler"], row["guidance"]) for row in result["rows"]] == [("ddim-3-w0", 0.0), ("ddim-3-w2", 2.0)]
+    assert [row["nfe"] for row in result["rows"]] == [3, 6]  # w = 0: one pass; w = 2: the batch doubled
     assert all(row["accuracy"] is not None for row in result["rows"]) and (cmp / "guidance.png").is_file()
     assert "guidance" in (cmp / "compare.md").read_text().splitlines()[0]
     assert json.loads((cmp / "ddim-3-w2.sampling.json").read_text())["conditions"][1]["condition"] == "dogs"

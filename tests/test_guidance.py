@@ -67,6 +67,23 @@ def test_the_guided_prediction_is_the_stated_combination(schedule):
         denoiser(schedule, -1.0)
 
 
+def test_guidance_zero_is_one_pass_on_the_null_condition(schedule):
+    """w = 0 needs no conditional half: the network sees the batch once, without labels, and the
+    result is the unconditional prediction."""
+    model = GaussianClassModel(schedule, MUS, S)
+    seen = []
+    model.register_forward_hook(lambda _m, args, kw, _o: seen.append((args[0].shape[0], kw["labels"].clone())), with_kwargs=True)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([[0], [1], [2], [1]])
+    zero = Denoiser(model, schedule, "eps", guidance=0.0).predict(x, 300.0, labels=labels)
+    assert len(seen) == 1 and seen[0][0] == 4 and bool((seen[0][1] == -1).all())
+    uncond = Denoiser(model, schedule, "eps").predict(x, 300.0, labels=torch.full_like(labels, -1))
+    torch.testing.assert_close(zero.x0, uncond.x0)
+    seen.clear()
+    Denoiser(model, schedule, "eps", guidance=2.0).predict(x, 300.0, labels=labels)
+    assert [b for b, _ in seen] == [8]  # any other weight: one call on the doubled batch
+
+
 def test_guided_images_do_not_depend_on_the_batch(schedule):
     den, cfg = denoiser(schedule, 3.0), SamplerConfig(sampler="dpmpp-2m-sde", steps=10)
     labels = torch.tensor([[0], [1], [2], [0], [1]])

@@ -16,7 +16,8 @@ Conditioning keyword arguments (class labels today, anything tomorrow) reach the
 Classifier-free guidance (Ho & Salimans 2022): with ``guidance`` w != 1 and a condition given, each
 call runs the network once on the batch doubled (the condition, then the null condition,
 :func:`difflab.conditioning.null_condition`) and returns x0_u + w (x0_c - x0_u) (and the same for
-eps): w = 1 is the conditional model, w = 0 the unconditional one. Combining x0 is the same as
+eps): w = 1 is the conditional model, w = 0 the unconditional one (run as one pass on the null
+condition). Combining x0 is the same as
 combining eps (the conversion between them is affine at a fixed x_t and t), so every
 parametrisation and every sampler gets the same rule. ``guidance_interval = (lo, hi)`` applies it
 only where lo <= sigma <= hi (Kynkaanniemi et al. 2024), the plain conditional model elsewhere.
@@ -138,6 +139,8 @@ class Denoiser:
         lv = self._level(t, x.shape[0])
         x = x.float()
         w = self._weights(lv) if cond and not is_null(cond) else None
+        if w is not None and bool((w == 0).all()):  # w = 0 is the unconditional model: one pass, no doubling
+            cond, w = null_condition(cond), None
         if w is None:
             x0, eps = self.param.to_x0_eps(x, self._network(x, lv, **cond).contiguous(), lv)
         else:  # one network call on the doubled batch: conditional, then unconditional

@@ -88,14 +88,15 @@ def parse_sampler_specs(text: str, num_timesteps: int) -> list[SamplerSpec]:
 
 
 class _CallCounter:
-    """Counts forward calls of a module (network evaluations), whatever the sampler does."""
+    """Counts the examples a module's forward calls see (network evaluations per image, once divided
+    by the number of images), whatever the sampler does: guidance's doubled batch counts twice."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
+        self.examples = 0
         self._handle = module.register_forward_hook(self._hook)
 
-    def _hook(self, *_: Any) -> None:
-        self.calls += 1
+    def _hook(self, _module: Any, args: tuple[Any, ...], _out: Any) -> None:
+        self.examples += args[0].shape[0]
 
     def close(self) -> None:
         self._handle.remove()
@@ -113,7 +114,7 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
             if re.fullmatch(rf"\d+\.{fmt}", old.name):
                 old.unlink()
     counter = _CallCounter(denoiser.model)
-    seconds, batches, first = 0.0, 0, None
+    seconds, first = 0.0, None
     # a bar over sampler steps of every batch: a DDPM batch takes minutes, a per-image bar would sit at 0
     bar = tqdm(total=len(grid) * -(-n // batch_size), desc=f"{spec.name} ({n} images)", unit="step",
                disable=not progress, leave=False)
@@ -127,7 +128,6 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
             except StopIteration:
                 break
             seconds += time.perf_counter() - t0
-            batches += 1
             save_numbered(imgs, out_dir, idx.start, fmt)
             if first is None:
                 first = imgs[:8].clone()
@@ -136,7 +136,7 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
         bar.close()
     return {"sampler": spec.name, "kind": spec.config.sampler.value, "steps": spec.steps, "eta": spec.config.eta,
             "config": to_dict(spec.config), "n": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-12),
-            "nfe": counter.calls / max(batches, 1), "folder": str(out_dir),
+            "nfe": counter.examples / n, "folder": str(out_dir),
             "fid": None, "kid_mean": None, "kid_std": None, "detect_rate": None, "_first": first}
 
 
