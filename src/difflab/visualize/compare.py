@@ -308,8 +308,15 @@ def samples_figure(result: dict[str, Any], firsts: Sequence[torch.Tensor]):
     panel = to_uint8(torch.stack([f[:k] for f in firsts]))
     return image_grid_figure([panel], titles=[f"seed ({result['seed']}, {j})" for j in range(k)],
                              row_titles=[r["sampler"] for r in result["rows"]],
-                             panel_titles=["Same initial noise, different samplers"])
+                             panel_titles=[f"Same initial noise, different {_what_varies(result)}"])
 
+
+def _what_varies(result: dict[str, Any]) -> str:
+    samplers = {r["kind"] + str(r["steps"]) for r in result["rows"]}
+    weights = {r.get("guidance", 1.0) for r in result["rows"]}
+    if len(weights) > 1:
+        return "samplers and guidance weights" if len(samplers) > 1 else "guidance weights"
+    return "samplers"
 
 
 def guidance_figure(result: dict[str, Any]):
