@@ -51,6 +51,9 @@ def test_class_folders_train_and_sample_by_name(tmp_path, capsys, tagged):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [f"{k}.jpg" for k in range(1, 7)]
     with Image.open(tmp_path / "g.png") as grid:  # one row per class, 3 images each
         assert grid.size == (3 * 18 + 2, 2 * 18 + 2)
+    _sample(capsys, run, "--class", "dogs", "-n", 9, "--out", tmp_path / "d", "--grid", tmp_path / "d.png")
+    with Image.open(tmp_path / "d.png") as grid:  # one class: the first images as a square, not one row of 8
+        assert grid.size == (3 * 18 + 2, 3 * 18 + 2)
 
 
 def test_attribute_tags_and_partial_labels(tmp_path, capsys, tagged):

@@ -69,6 +69,7 @@ def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else run.path / "samples" / sampler_name(cfg, T)
     kept: list[torch.Tensor] = []
     per_row = min(args.n, 8)
+    by_row = len(reqs) > 1  # several conditions: one grid row each; one (or none): the first 64 images
     t0 = time.monotonic()
     denoiser = run.denoiser(args.clip, args.precision, args.compile, guidance=args.guidance,
                             guidance_interval=args.guidance_interval)
@@ -76,7 +77,7 @@ def run_sample(args: argparse.Namespace) -> int:
                                     start=args.start, progress=not args.no_progress, **cond):
         save_numbered(imgs, out, idx.start, args.format)
         # the grid: the first 64 images, or the first `per_row` images of each request, one row each
-        kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if reqs else len(kept) < 64)]
+        kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if by_row else len(kept) < 64)]
     seconds = time.monotonic() - t0
     record = write_record(out, {
         "run": str(run.path), "step": run.step, "n": total, "start": args.start, "seed": args.seed,
@@ -86,9 +87,9 @@ def run_sample(args: argparse.Namespace) -> int:
         "conditions": conditions(reqs, args.n, run.config.cond.schema),
     }, args.start)
     if grid_file is not None:
-        save_grid(torch.stack(kept), grid_file, nrow=per_row if reqs else None)
+        save_grid(torch.stack(kept), grid_file, nrow=per_row if by_row else None)
     print(f"wrote {total} images to {out} in {seconds:.1f} s ({total / seconds:.1f} images/s); record: {record}"
-          + (f"; grid: {grid_file}" + (" (one row per condition)" if reqs else "") if grid_file else ""))
+          + (f"; grid: {grid_file}" + (" (one row per condition)" if by_row else "") if grid_file else ""))
     return 0
 
 
