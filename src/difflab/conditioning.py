@@ -53,7 +53,7 @@ class CondConfig:
     classes: tuple[tuple[str, ...], ...] = ()
     captions: bool = False
     text_encoder: str = "all-MiniLM-L6-v2"
-    text_mode: TextMode = TextMode.POOLED
+    text_mode: TextMode = TextMode.BOTH  # measured: cross-attention binds colours to hair/eyes, pooled cannot
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
 
     def __post_init__(self) -> None:
