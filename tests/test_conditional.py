@@ -158,3 +158,25 @@ def test_eval_accuracy_and_compare_guidance_sweep(tmp_path, capsys, class_run, m
     assert all(row["accuracy"] is not None for row in result["rows"]) and (cmp / "guidance.png").is_file()
     assert "guidance" in (cmp / "compare.md").read_text().splitlines()[0]
     assert json.loads((cmp / "ddim-3-w2.sampling.json").read_text())["conditions"][1]["condition"] == "dogs"
+
+
+def test_captions_from_templates_name_attributes():
+    """Templates use {list}/{and}/{and_reversed} or an attribute by name; a template naming an
+    attribute the row leaves out falls back to {list}; anything else is a one-line ConfigError."""
+    from difflab.captions import caption
+    from difflab.data.labels import LabelSchema
+    from difflab.errors import ConfigError
+
+    schema = LabelSchema(("hair", "eyes"), (("blue", "red"), ("green", "red")))
+    both, hair_only = [1, 0], [0, -1]
+    assert caption(schema, both, "{list}") == "red hair, green eyes"
+    assert caption(schema, both, "a girl with {and}") == "a girl with red hair and green eyes"
+    assert caption(schema, both, "{and_reversed}") == "green eyes and red hair"
+    assert caption(schema, both, "{hair}-haired girl with {eyes} eyes") == "red-haired girl with green eyes"
+    assert caption(schema, hair_only, "{hair}-haired girl with {eyes} eyes") == "blue hair"
+    assert caption(schema, hair_only, "hair: {hair}") == "hair: blue"
+    assert caption(schema, [-1, -1], "{list}") == ""
+    with pytest.raises(ConfigError, match=r"caption template '\{colour\} hair'.*\{hair\}, \{eyes\}"):
+        caption(schema, both, "{colour} hair")
+    one = LabelSchema(("class",), (("Trouser", "Bag"),))
+    assert caption(one, [1], "a photo of a {list}") == "a photo of a Bag" == caption(one, [1], "a photo of a {class}")

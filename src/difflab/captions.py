@@ -25,18 +25,29 @@ from difflab.errors import ConfigError
 
 
 def caption(schema: LabelSchema, row: Sequence[int], template: str) -> str:
-    """The caption of one label row under ``template`` ('' when no attribute is given)."""
+    """The caption of one label row under ``template`` ('' when no attribute is given).
+
+    Fields: ``{list}`` = "blue hair, red eyes", ``{and}`` = "blue hair and red eyes", ``{and_reversed}``
+    = "red eyes and blue hair", and each attribute by name (``{hair}`` = "blue"), so templates can
+    phrase an attribute freely ("{hair}-haired girl with {eyes} eyes"). A template naming an
+    attribute the row leaves out (condition dropout drops attributes one by one) gives ``{list}``."""
+    names = schema.names(row)
     parts = [value if len(schema.attributes) == 1 else f"{value} {attribute}"
-             for attribute, value in schema.names(row).items() if value is not None]
+             for attribute, value in names.items() if value is not None]
     if not parts:
         return ""
     joined = " and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + " and " + parts[-1]
     reverse = list(reversed(parts))
     joined_rev = " and ".join(reverse) if len(reverse) < 3 else ", ".join(reverse[:-1]) + " and " + reverse[-1]
+    given = {a: v for a, v in names.items() if v is not None}
+    fields = {**given, "list": ", ".join(parts), "and": joined, "and_reversed": joined_rev}
     try:
-        return template.format(list=", ".join(parts), **{"and": joined, "and_reversed": joined_rev})
+        return template.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"caption template {template!r}: use only {{list}}, {{and}} and {{and_reversed}} ({e})") from None
+        if isinstance(e, KeyError) and e.args and e.args[0] in names:  # an attribute this row does not give
+            return fields["list"]
+        allowed = ", ".join("{" + f + "}" for f in ("list", "and", "and_reversed", *names))
+        raise ConfigError(f"caption template {template!r}: use only {allowed} ({e})") from None
 
 
 class CaptionBank:

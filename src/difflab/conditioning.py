@@ -35,7 +35,8 @@ class TextMode(str, Enum):
 
 
 # Captions built from a row of labels: {list} = "blue hair, red eyes", {and} = "blue hair and red eyes",
-# {and_reversed} = "red eyes and blue hair" (one attribute: its value alone, e.g. "Trouser").
+# {and_reversed} = "red eyes and blue hair" (one attribute: its value alone, e.g. "Trouser"), and each
+# attribute by name, {hair} = "blue" (difflab.captions.caption).
 DEFAULT_TEMPLATES = ("{list}", "a girl with {and}", "anime face, {list}", "{and_reversed}",
                      "a character with {and}", "a drawing of {and}")
 
