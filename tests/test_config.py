@@ -65,6 +65,8 @@ def test_presets_bring_their_learning_rate_and_a_toml_file_beats_it(tmp_path):
         (["train=3"], "group of options"),
         (["data.augment.hflip=maybe"], "true or false"),
         (["model.image_size=16"], "differs from data.image_size"),
+        (['cond.templates=["{list}", '], "cond.templates: not a JSON list"),
+        (["model.channel_mults=[1, 2.5]"], "model.channel_mults must be of type int"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, message):
@@ -102,3 +104,13 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_list_overrides_keep_their_spaces():
+    """`a, b` lists strip the spaces around items; a JSON list keeps items with commas and spaces."""
+    cfg = resolve_config(overrides=['cond.templates=["{list}", "{hair}-haired girl with {eyes} eyes, drawn"]',
+                                    "model.channel_mults=1, 2 ,2"])
+    assert cfg.cond.templates == ("{list}", "{hair}-haired girl with {eyes} eyes, drawn")
+    assert cfg.model.channel_mults == (1, 2, 2)
+    cfg = resolve_config(overrides=["cond.templates=a girl with {and}, {list}"])
+    assert cfg.cond.templates == ("a girl with {and}", "{list}")

@@ -216,7 +216,13 @@ def parse_override_value(tp: Any, text: str, where: str) -> Any:
             return None
         return parse_override_value(next(a for a in args if a is not type(None)), text, where)
     if origin is tuple:
-        parts = [p for p in text.replace(" ", "").split(",") if p]
+        if text.lstrip().startswith("["):  # a JSON list: items may hold commas and spaces
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not a JSON list: {e}") from None
+            return _coerce(tp, items, where)
+        parts = [p.strip() for p in text.split(",") if p.strip()]  # a,b,c (spaces around items dropped)
         return tuple(parse_override_value(args[0], p, where) for p in parts)
     if tp is bool:
         low = text.lower()
