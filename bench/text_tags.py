@@ -13,6 +13,7 @@ Stages (each skipped when its output exists):
    training images) and, with ``--fid``, FID/KID against a fixed subset of the real faces.
 
     python bench/text_tags.py --steps 2500 --modes pooled,both --guidance 1,2,3,5 --fid
+    python bench/text_tags.py --eval-runs runs/tags-both-1000,runs/tags-varied --guidance 3 --fid --real-n 2000
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def main() -> None:
     p.add_argument("--fid", action="store_true", help="also FID/KID (against --real-n real faces)")
     p.add_argument("--real-n", type=int, default=5000)
     p.add_argument("--runs", default="runs")
+    p.add_argument("--eval-runs", help="comma-separated existing runs to evaluate instead of training one per --modes "
+                                       "(e.g. a run trained with other cond.templates)")
     args = p.parse_args()
     runs = ROOT / args.runs
     prs = pairs(args.pairs)
@@ -111,9 +114,10 @@ def main() -> None:
     if real:
         sh(*DIFFLAB, "fid-stats", str(real), "--no-progress")
     table = []
-    for mode in args.modes.split(","):
-        run = runs / f"tags-{mode}"
-        if not (run / "model.safetensors").exists():
+    todo = ([(Path(r).name, ROOT / r) for r in args.eval_runs.split(",")] if args.eval_runs
+            else [(mode, runs / f"tags-{mode}") for mode in args.modes.split(",")])
+    for mode, run in todo:
+        if not args.eval_runs and not (run / "model.safetensors").exists():
             sh(*DIFFLAB, "train", "--data", str(TAGS / "images"), "--labels", str(TAGS / "tags.csv"), "--captions",
                "--image-size", "32", "--out", str(run), "--max-steps", str(args.steps), "--no-progress",
                "train.sample_every=500", f"cond.text_mode={mode}")
