@@ -118,3 +118,9 @@ def own_peak_rss_mib() -> float:
         return int(line.split()[1]) / 1024  # kB
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def difflab_cli(*args: str, cwd=None) -> None:
+    """Run ``python -m difflab ARGS`` (this interpreter), printing the command; fail on a non-zero exit."""
+    print("$ difflab", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "difflab", *args], check=True, cwd=cwd)

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DIFFLAB = [sys.executable, "-m", "difflab"]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import difflab_cli  # noqa: E402
 
 
-def sh(*argv: str) -> None:
-    print("$", " ".join(argv[2:] if argv[:2] == tuple(DIFFLAB[1:]) else argv), flush=True)
-    subprocess.run(list(argv), check=True, cwd=ROOT)
 
 
 def real_folder(out: Path, n: int) -> Path:
@@ -60,17 +57,17 @@ def main() -> None:
     common = ["--data", "fashion-mnist", "--image-size", "28", "--max-steps", str(args.steps), "--no-progress",
               "train.sample_every=500"]
     if not (cond / "model.safetensors").exists():
-        sh(*DIFFLAB, "train", "--labels", "classes", "--out", str(cond), *common)
+        difflab_cli("train", "--labels", "classes", "--out", str(cond), *common)
     if not (uncond / "model.safetensors").exists():
-        sh(*DIFFLAB, "train", "--out", str(uncond), *common)
+        difflab_cli("train", "--out", str(uncond), *common)
     real = real_folder(runs, args.real_n)
-    sh(*DIFFLAB, "fid-stats", str(real), "--no-progress")
+    difflab_cli("fid-stats", str(real), "--no-progress")
     if not (cond / "guidance" / "compare.json").exists():
-        sh(*DIFFLAB, "compare", "--run", str(cond), "--samplers", args.sampler, "--class", "all", "-n", str(args.per_class),
+        difflab_cli("compare", "--run", str(cond), "--samplers", args.sampler, "--class", "all", "-n", str(args.per_class),
            "--guidance", args.guidance, "--real", str(real), "--metrics", "fid,kid,accuracy", "--out", str(cond / "guidance"),
            "--no-progress")
     if not (uncond / "compare" / "compare.json").exists():
-        sh(*DIFFLAB, "compare", "--run", str(uncond), "--samplers", args.sampler, "-n", str(10 * args.per_class),
+        difflab_cli("compare", "--run", str(uncond), "--samplers", args.sampler, "-n", str(10 * args.per_class),
            "--real", str(real), "--metrics", "fid,kid", "--out", str(uncond / "compare"), "--no-progress")
     rows = json.loads((cond / "guidance" / "compare.json").read_text())["rows"]
     base = json.loads((uncond / "compare" / "compare.json").read_text())["rows"][0]

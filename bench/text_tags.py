@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import difflab_cli  # noqa: E402
 TAGS = ROOT.parent / "shared" / "data" / "anime-tagged"
-DIFFLAB = [sys.executable, "-m", "difflab"]
 
 # Phrasings for evaluation only: none is a training template (difflab.conditioning.DEFAULT_TEMPLATES).
 HELD_OUT = (
@@ -37,9 +37,6 @@ HELD_OUT = (
 )
 
 
-def sh(*argv: str) -> None:
-    print("$", " ".join(argv), flush=True)
-    subprocess.run(list(argv), check=True, cwd=ROOT)
 
 
 def pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -112,13 +109,13 @@ def main() -> None:
     prs = pairs(args.pairs)
     real = real_subset(runs, args.real_n) if args.fid else None
     if real:
-        sh(*DIFFLAB, "fid-stats", str(real), "--no-progress")
+        difflab_cli("fid-stats", str(real), "--no-progress")
     table = []
     todo = ([(Path(r).name, ROOT / r) for r in args.eval_runs.split(",")] if args.eval_runs
             else [(mode, runs / f"tags-{mode}") for mode in args.modes.split(",")])
     for mode, run in todo:
         if not args.eval_runs and not (run / "model.safetensors").exists():
-            sh(*DIFFLAB, "train", "--data", str(TAGS / "images"), "--labels", str(TAGS / "tags.csv"), "--captions",
+            difflab_cli("train", "--data", str(TAGS / "images"), "--labels", str(TAGS / "tags.csv"), "--captions",
                "--image-size", "32", "--out", str(run), "--max-steps", str(args.steps), "--no-progress",
                "train.sample_every=500", f"cond.text_mode={mode}")
         for w in [float(v) for v in args.guidance.split(",")]:
