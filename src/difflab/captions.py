@@ -13,7 +13,7 @@ encoder.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,21 +50,66 @@ def caption(schema: LabelSchema, row: Sequence[int], template: str) -> str:
         raise ConfigError(f"caption template {template!r}: use only {allowed} ({e})") from None
 
 
+def filler_vocabulary(words: Sequence[str], schema: LabelSchema) -> list[str]:
+    """The words :func:`template_variants` may insert: whole alphabetic words of three letters or more
+    (no word pieces), none of them an attribute or value name, sorted (so variants do not depend on
+    the tokenizer's dictionary order)."""
+    banned = {w.lower() for a, vs in zip(schema.attributes, schema.classes) for w in (a, *vs)}
+    return sorted({w for w in words if w.isascii() and w.isalpha() and len(w) >= 3 and w.lower() not in banned})
+
+
+def template_variants(templates: Sequence[str], variants: int, vocabulary: Sequence[str], seed: int = 0,
+                      accept: Callable[[str], bool] = lambda text: True) -> list[str]:
+    """``templates`` followed by ``variants`` copies of each with one to three words of ``vocabulary``
+    inserted at random word boundaries (fields such as ``{list}`` stay whole), drawn from ``seed``:
+    "a girl with {and}" -> "a girl quietly with {and} harbour". Duplicates, and variants ``accept``
+    rejects (e.g. too long for the encoder's token window), are left out; a template with no
+    acceptable variant in ``100 * variants`` draws gets fewer."""
+    if variants and not vocabulary:
+        raise ConfigError("cond.caption_variants: the text encoder's vocabulary has no usable filler words")
+    g = torch.Generator().manual_seed(seed)
+    out, seen = list(templates), set(templates)
+    for template in templates:
+        made, tries = 0, 0
+        while made < variants and tries < 100 * variants:
+            tries += 1
+            words = template.split(" ")
+            for _ in range(int(torch.randint(1, 4, (), generator=g))):
+                at = int(torch.randint(0, len(words) + 1, (), generator=g))
+                words.insert(at, vocabulary[int(torch.randint(0, len(vocabulary), (), generator=g))])
+            text = " ".join(words)
+            if text not in seen and accept(text):
+                seen.add(text)
+                out.append(text)
+                made += 1
+    return out
+
+
 class CaptionBank:
     """Every caption training may use, embedded once: ``lookup(labels, template_index)`` gives the
     ``text`` (and ``text_tokens``/``text_mask``) conditions of a batch; rows with no attribute given
     get the null text (zeros, no tokens)."""
 
     def __init__(self, schema: LabelSchema, templates: Sequence[str], mode: TextMode, encoder: str,
-                 *, progress: bool = True) -> None:
+                 *, variants: int = 0, progress: bool = True) -> None:
         from difflab.text import EmbeddingCache, TextEncoder
 
+        text_encoder = TextEncoder(encoder)
+        if variants:
+            tokenizer = text_encoder.model.tokenizer
+            rows = [r for r in itertools.product(*[range(n) for n in schema.sizes])]
+
+            def fits(template: str) -> bool:  # every caption keeps all its words within the token window
+                return max(len(tokenizer.tokenize(caption(schema, r, template))) for r in rows) + 2 <= text_encoder.max_tokens
+
+            vocab = filler_vocabulary(tokenizer.get_vocab(), schema)
+            templates = template_variants(templates, variants, vocab, accept=fits)
         self.schema, self.templates, self.mode = schema, tuple(templates), mode
         # every combination of "value or not given" over the attributes, all-not-given excluded
         self.rows = [r for r in itertools.product(*[range(-1, n) for n in schema.sizes]) if any(v >= 0 for v in r)]
         self._index = {row: i for i, row in enumerate(self.rows)}
         texts = [caption(schema, row, t) for row in self.rows for t in self.templates]
-        emb = EmbeddingCache().get(TextEncoder(encoder), texts)
+        emb = EmbeddingCache().get(text_encoder, texts)
         n, k = len(self.rows), len(self.templates)
         self.pooled = emb.pooled.reshape(n, k, -1)
         self.tokens = emb.tokens.reshape(n, k, *emb.tokens.shape[1:])

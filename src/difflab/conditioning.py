@@ -56,9 +56,20 @@ class CondConfig:
     text_encoder: str = "all-MiniLM-L6-v2"
     text_mode: TextMode = TextMode.BOTH  # measured: cross-attention binds colours to hair/eyes, pooled cannot
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    # Training-time augmentations of the text condition (sampling ignores them): caption_variants extra
+    # copies of every template with one to three random words of the encoder's vocabulary inserted
+    # between its words (so the network learns to ignore words it was never taught), and text_noise,
+    # Gaussian noise added to given text embeddings, as a fraction of each vector's RMS (StackGAN's
+    # conditioning augmentation, fixed instead of learned), so nearby unseen sentences map nearby.
+    caption_variants: int = 0
+    text_noise: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_mode", parse_choice(TextMode, self.text_mode, "cond.text_mode"))
+        if isinstance(self.caption_variants, bool) or not isinstance(self.caption_variants, int) or self.caption_variants < 0:
+            raise ConfigError(f"cond.caption_variants must be an integer >= 0, got {self.caption_variants!r}")
+        if isinstance(self.text_noise, bool) or not isinstance(self.text_noise, (int, float)) or not 0 <= self.text_noise < 10:
+            raise ConfigError(f"cond.text_noise must be a number in [0, 10), got {self.text_noise!r}")
         if self.attributes or self.classes:
             LabelSchema(self.attributes, self.classes)  # checks names and lengths
         if self.captions and not self.templates:

@@ -12,6 +12,22 @@ from difflab.data.labels import Labels
 from difflab.errors import ConfigError
 
 
+def add_text_noise(cond: Cond, scale: float, generator: torch.Generator) -> Cond:
+    """Conditioning augmentation: Gaussian noise on every given text vector (the pooled ``text`` rows
+    that are not all zero, the ``text_tokens`` under ``text_mask``), ``scale`` times that vector's RMS.
+    Null conditions stay exactly null, so guidance still pairs with the true unconditional model."""
+    out = dict(cond)
+    for key in ("text", "text_tokens"):
+        if key not in cond:
+            continue
+        v = cond[key]
+        given = (v != 0).any(-1, keepdim=True) if key == "text" else cond["text_mask"][..., None]
+        rms = v.pow(2).mean(-1, keepdim=True).sqrt()
+        noise = torch.randn(v.shape, generator=generator, dtype=v.dtype)
+        out[key] = torch.where(given, v + scale * rms * noise, v)
+    return out
+
+
 class TrainingConditions:
     """``batch(indices, generator)`` -> the condition keywords of those training images (dropped at
     rate ``cond_dropout``); ``preview(n)`` -> fixed conditions for the sample grids (one class per
@@ -20,7 +36,7 @@ class TrainingConditions:
     def __init__(self, cond: CondConfig, labels: Labels | None, cond_dropout: float, device: torch.device,
                  *, progress: bool = True) -> None:
         schema = cond.schema
-        self.device, self.p = device, cond_dropout
+        self.device, self.p, self.noise = device, cond_dropout, float(cond.text_noise)
         self.labels = None if schema is None or labels is None else labels.in_schema(schema)
         if schema is not None and labels is None:
             raise ConfigError("the run is conditioned on labels but the data came without them (data.labels)")
@@ -28,7 +44,8 @@ class TrainingConditions:
         if schema is not None and cond.captions:
             from difflab.captions import CaptionBank
 
-            self.bank = CaptionBank(schema, cond.templates, cond.text_mode, cond.text_encoder, progress=progress)
+            self.bank = CaptionBank(schema, cond.templates, cond.text_mode, cond.text_encoder,
+                                    variants=cond.caption_variants, progress=progress)
 
     @property
     def active(self) -> bool:
@@ -44,9 +61,13 @@ class TrainingConditions:
             return {}
         labels = drop({"labels": self.labels[indices]}, self.p, generator)["labels"]
         template = torch.zeros(len(indices), dtype=torch.long)
-        if self.bank is not None:
-            template = torch.randint(0, len(self.bank.templates), (len(indices),), generator=generator)
-        return self._to_cond(labels, template)
+        if self.bank is None:
+            return self._to_cond(labels, template)
+        template = torch.randint(0, len(self.bank.templates), (len(indices),), generator=generator)
+        cond = self.bank.lookup(labels, template)
+        if self.noise:
+            cond = add_text_noise(cond, self.noise, generator)
+        return {k: v.to(self.device) for k, v in cond.items()}
 
     def preview(self, n: int) -> Cond:
         if self.labels is None:
