@@ -180,3 +180,68 @@ def test_captions_from_templates_name_attributes():
         caption(schema, both, "{colour} hair")
     one = LabelSchema(("class",), (("Trouser", "Bag"),))
     assert caption(one, [1], "a photo of a {list}") == "a photo of a Bag" == caption(one, [1], "a photo of a {class}")
+
+
+def test_template_variants_only_insert_filler_words():
+    """Each variant is its template with one to three vocabulary words inserted (fields kept whole),
+    reproducible from the seed; ``accept`` filters; no vocabulary is a one-line error."""
+    from difflab.captions import filler_vocabulary, template_variants
+    from difflab.data.labels import LabelSchema
+    from difflab.errors import ConfigError
+
+    vocab = ["alpha", "beta", "gamma", "delta"]
+    templates = ("a girl with {and}", "{list}")
+    out = template_variants(templates, 4, vocab, seed=3)
+    assert out[:2] == list(templates) and len(out) == 10 and len(set(out)) == 10
+    for k, variant in enumerate(out[2:]):
+        words = variant.split(" ")
+        kept = [w for w in words if w not in vocab]
+        assert " ".join(kept) == templates[k // 4]  # the template's words, in order, fields whole
+        assert 1 <= len(words) - len(kept) <= 3
+    assert template_variants(templates, 4, vocab, seed=3) == out
+    assert template_variants(templates, 4, vocab, seed=4) != out
+    short = template_variants(templates, 4, vocab, accept=lambda t: len(t.split(" ")) <= 2)
+    assert short[:2] == list(templates) and all(len(t.split(" ")) <= 2 for t in short[2:])
+    assert sum(t.count("{list}") for t in short[2:]) == 4 and "{and}" not in "".join(short[2:])  # 4 words + filler > 2
+    with pytest.raises(ConfigError, match="no usable filler words"):
+        template_variants(templates, 1, [])
+    schema = LabelSchema(("hair", "eyes"), (("blue", "red"), ("green", "red")))
+    assert filler_vocabulary(["blue", "Hair", "##ing", "ok", "zebra", "naïve", "walked", "Eyes", "x1y"], schema) == ["walked", "zebra"]
+
+
+def test_text_noise_leaves_null_conditions_exact():
+    """Conditioning augmentation moves given text vectors by ``scale`` x their RMS and nothing else:
+    null rows (the unconditional half of guidance) and masked-out token slots are unchanged."""
+    from difflab.train.conditions import add_text_noise
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(400, 384, generator=g) * 0.05
+    text[::4] = 0  # dropped conditions
+    tokens = torch.randn(400, 6, 384, generator=g) * 0.7
+    mask = torch.arange(6)[None].expand(400, 6) < torch.randint(0, 7, (400, 1), generator=g)
+    tokens[~mask] = 0
+    cond = {"text": text, "text_tokens": tokens, "text_mask": mask}
+    out = add_text_noise(cond, 0.2, torch.Generator().manual_seed(1))
+    assert torch.equal(out["text"][::4], text[::4]) and torch.equal(out["text_tokens"][~mask], tokens[~mask])
+    assert torch.equal(out["text_mask"], mask)
+    given = (text != 0).any(-1)
+    rel = (out["text"] - text)[given] / text[given].pow(2).mean(-1, keepdim=True).sqrt()
+    assert abs(rel.std().item() - 0.2) < 0.01 and abs(rel.mean().item()) < 0.01
+    rel_t = (out["text_tokens"] - tokens)[mask] / tokens[mask].pow(2).mean(-1, keepdim=True).sqrt()
+    assert abs(rel_t.std().item() - 0.2) < 0.01
+    again = add_text_noise(cond, 0.2, torch.Generator().manual_seed(1))
+    assert all(torch.equal(again[k], out[k]) for k in out)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("caption_variants", -1, "cond.caption_variants must be an integer >= 0"),
+    ("caption_variants", 1.5, "cond.caption_variants must be an integer >= 0"),
+    ("text_noise", -0.1, r"cond.text_noise must be a number in \[0, 10\)"),
+    ("text_noise", True, r"cond.text_noise must be a number in \[0, 10\)"),
+])
+def test_text_augmentation_options_are_checked(field, value, message):
+    from difflab.conditioning import CondConfig
+    from difflab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        CondConfig(**{field: value})

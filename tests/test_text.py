@@ -358,3 +358,22 @@ def test_cache_shards_are_per_encoder_fingerprint_and_max_tokens(encoder, tmp_pa
     (shard,) = folder.glob("*.safetensors")
     with safe_open(str(shard), framework="pt") as f:
         assert json.loads(f.metadata()["texts"]) == ["a cat"]
+
+
+def test_caption_bank_variants_keep_every_word_inside_the_token_window(encoder, tmp_path, monkeypatch):
+    """Filler-word variants that would push an attribute past max_tokens are not used: every caption
+    the bank holds, for every label row, is encoded whole (its [SEP] inside the window)."""
+    from difflab.captions import CaptionBank, caption
+    from difflab.conditioning import TextMode
+    from difflab.data.labels import LabelSchema
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    schema = LabelSchema(("hair", "eyes"), (("blue", "blonde"), ("aqua", "red")))
+    templates = ("a drawing of a young face with {eyes} eyes and {hair} hair", "{list}")  # 14 of 16 tokens
+    bank = CaptionBank(schema, templates, TextMode.BOTH, T.DEFAULT_TEXT_ENCODER, variants=6, progress=False)
+    assert bank.templates[:2] == templates and len(bank.templates) > 2 + 6  # {list} always has room for 6
+    tok = encoder.model.tokenizer
+    for template in bank.templates:
+        for row in ([0, 0], [1, 1], [0, -1], [-1, 1]):
+            assert len(tok.tokenize(caption(schema, row, template))) + 2 <= encoder.max_tokens, template
+    assert bank.pooled.shape[:2] == (8, len(bank.templates))
