@@ -27,11 +27,11 @@ from difflab.samplers.grid import (
 from difflab.samplers.heun import sample_heun
 from difflab.samplers.noise import image_generators, image_seed
 from difflab.samplers.registry import SAMPLERS, SamplerEntry, SamplerKind, nfe
-from difflab.samplers.run import SamplerConfig, make_grid, run_sampler, sample, sample_batches
+from difflab.samplers.run import SamplerConfig, make_grid, run_sampler, sample, sample_batches, start_timestep
 
 __all__ = [
     "Grid", "GridKind", "SAMPLERS", "SamplerConfig", "SamplerEntry", "SamplerKind", "Spacing", "Step", "build_grid",
     "discrete_grid", "image_generators", "image_seed", "karras_sigmas", "log_snr_sigmas", "make_grid", "nfe",
     "run_sampler", "sample", "sample_batches", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-    "sample_dpmpp_3m", "sample_euler", "sample_heun", "sigma_grid", "spaced_timesteps",
+    "sample_dpmpp_3m", "sample_euler", "sample_heun", "sigma_grid", "spaced_timesteps", "start_timestep",
 ]

@@ -14,6 +14,15 @@ from difflab.samplers.grid import Grid
 from difflab.samplers.noise import Generators, randn_like
 
 
+def ddim_step(x: Tensor, x0: Tensor, eps: Tensor, a_t: float, a_s: float, eta: float, generator: Generators) -> Tensor:
+    """One DDIM step from x at abar_t to abar_s, given the denoiser's (x0_hat, eps_hat) there (eq. 12)."""
+    s = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    x_next = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - s * s, 0.0)) * eps
+    if s > 0:
+        x_next = x_next + s * randn_like(x, generator)
+    return x_next
+
+
 @torch.no_grad()
 def sample_ddim(
     denoiser: Denoiser,
@@ -38,10 +47,7 @@ def sample_ddim(
         t = float(grid.t[i])
         a_t, a_s = abar[i], abar[i + 1]
         out = denoiser.predict(x, t, **cond)
-        s = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
-        x_next = math.sqrt(a_s) * out.x0 + math.sqrt(max(1 - a_s - s * s, 0.0)) * out.eps
-        if s > 0:
-            x_next = x_next + s * randn_like(x, generator)
+        x_next = ddim_step(x, out.x0, out.eps, a_t, a_s, eta, generator)
         if callback is not None:
             callback(Step(i, t, float(grid.sigma[i]), x, out.x0, x_next))
         x = x_next

@@ -103,15 +103,18 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: Spacing | str = Sp
     return ts
 
 
-def discrete_grid(schedule: NoiseSchedule, steps: int | None = None, spacing: Spacing | str = Spacing.UNIFORM) -> Grid:
-    """Grid over the training timesteps: all T of them, or ``steps`` of them respaced.
+def discrete_grid(schedule: NoiseSchedule, steps: int | None = None, spacing: Spacing | str = Spacing.UNIFORM,
+                  t_start: int | None = None) -> Grid:
+    """Grid over the training timesteps: all T of them, or ``steps`` of them respaced; with
+    ``t_start`` over 0 ... t_start only (a grid that starts part-way, for SDEdit).
 
     Built through :meth:`NoiseSchedule.respace`, so a DDPM step on this grid is exactly the
     posterior of the respaced process (improved-diffusion ``respace.py``). The noise levels are read
     from the schedule's own table (the respaced schedule's cumprod reproduces them only to ~1e-8
     relative where abar is tiny, e.g. at the end of the cosine schedule).
     """
-    ts = spaced_timesteps(schedule.num_timesteps, schedule.num_timesteps if steps is None else steps, spacing)
+    top = schedule.num_timesteps if t_start is None else t_start + 1
+    ts = spaced_timesteps(top, top if steps is None else steps, spacing)
     respaced = schedule.respace(ts)
     t = respaced.timestep_map.flip(0)
     sigma = torch.cat([schedule.sigmas[ts].flip(0), torch.zeros(1, dtype=F64)])
@@ -166,25 +169,40 @@ def sigma_grid(schedule: NoiseSchedule, sigmas: Tensor) -> Grid:
 
 
 def build_grid(schedule: NoiseSchedule, steps: int | None = None, kind: GridKind | str = GridKind.UNIFORM, *,
-               rho: float = 7.0, trailing: bool = False) -> Grid:
+               rho: float = 7.0, trailing: bool = False, t_start: int | None = None) -> Grid:
     """A grid of ``steps`` steps (None: one per training timestep) of the given kind.
 
     ``uniform`` and ``quadratic`` are :func:`discrete_grid` (integer timesteps, at most T of them);
     ``log-snr`` and ``karras`` run from the schedule's sigma_max (t = T - 1) to its sigma_min
     (t = 0) and may have any number of steps. ``trailing``: the grid of ``steps + 1`` points without
-    its last (see the module docstring).
+    its last (see the module docstring). ``t_start`` (an integer timestep) starts the grid there
+    instead of at T - 1, with the same kind of spacing over the shorter range (SDEdit); a discrete
+    grid then has at most t_start + 1 steps.
     """
     kind = parse_choice(GridKind, kind, "grid kind")
-    n = schedule.num_timesteps if steps is None else steps
+    top = schedule.num_timesteps - 1 if t_start is None else t_start
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top < schedule.num_timesteps:
+        raise ConfigError(f"a grid's start must be an integer timestep in [0, {schedule.num_timesteps - 1}], got {t_start!r}")
+    n = top + 1 if steps is None else steps
     if trailing:
-        if kind.in_sigma or n + 1 <= schedule.num_timesteps:
-            full = build_grid(schedule, n + 1, kind, rho=rho)
+        if kind.in_sigma or n + 1 <= top + 1:
+            full = build_grid(schedule, n + 1, kind, rho=rho, t_start=t_start)
             return Grid(t=full.t[:-1], sigma=torch.cat([full.sigma[:-2], full.sigma[-1:]]))
-        raise ConfigError(f"a trailing {kind.value} grid needs steps < {schedule.num_timesteps} (one timestep is left out)")
+        raise ConfigError(f"a trailing {kind.value} grid needs steps < {top + 1} (one timestep is left out)")
     if not kind.in_sigma:
-        return discrete_grid(schedule, steps, Spacing(kind.value))
+        if steps is not None and steps > top + 1:
+            raise ConfigError(f"steps must be an integer in [1, {top + 1}], got {steps!r}")
+        return discrete_grid(schedule, steps, Spacing(kind.value), t_start=t_start)
+    if top == 0:
+        if n != 1:
+            raise ConfigError(f"a grid starting at t = 0 has one step, not {n}")
+        return sigma_grid(schedule, torch.tensor([schedule.sigma_min], dtype=F64))
+    sigma_top = float(schedule.sigmas[top])
     if kind is GridKind.KARRAS:
-        sigmas = karras_sigmas(n, schedule.sigma_min, schedule.sigma_max, rho)
+        sigmas = karras_sigmas(n, schedule.sigma_min, sigma_top, rho)
     else:
-        sigmas = log_snr_sigmas(n, schedule.sigma_min, schedule.sigma_max)
-    return sigma_grid(schedule, sigmas)
+        sigmas = log_snr_sigmas(n, schedule.sigma_min, sigma_top)
+    grid = sigma_grid(schedule, sigmas)
+    if t_start is not None:  # the start is exactly the integer timestep (not a log-sigma round trip)
+        grid = Grid(t=torch.cat([torch.tensor([float(top)], dtype=F64), grid.t[1:]]), sigma=grid.sigma)
+    return grid

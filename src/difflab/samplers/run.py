@@ -3,6 +3,7 @@
 :func:`sample_batches` / :func:`sample`, which give image k the seed (seed, k)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,13 +95,29 @@ class SamplerConfig:
         return SAMPLERS[self.sampler].nfe(self.num_steps(num_timesteps))
 
 
-def make_grid(schedule: NoiseSchedule, cfg: SamplerConfig) -> Grid:
+def start_timestep(schedule: NoiseSchedule, strength: float) -> int | None:
+    """The integer timestep SDEdit starts from at ``strength`` (round(strength (T - 1))); None for
+    strength 1 (the whole grid, from pure noise)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"--strength must be a number in [0, 1], got {strength!r}")
+    return None if strength == 1.0 else round(strength * (schedule.num_timesteps - 1))
+
+
+def make_grid(schedule: NoiseSchedule, cfg: SamplerConfig, strength: float = 1.0) -> Grid:
     """The grid of ``cfg`` for ``schedule``: integer timesteps (at most T) for uniform and
-    quadratic, fractional ones (any number) for log-snr and karras."""
+    quadratic, fractional ones (any number) for log-snr and karras. ``strength`` < 1 starts it at
+    :func:`start_timestep` (SDEdit), spaced the same way over the shorter range; an integer grid
+    then has at most that many steps (fewer timesteps exist)."""
     kind = cfg.grid_kind
     if not kind.in_sigma and cfg.steps is not None and cfg.steps > schedule.num_timesteps:
         raise ConfigError(f"--steps {cfg.steps} exceeds the model's {schedule.num_timesteps} training timesteps")
-    return build_grid(schedule, cfg.steps, kind, trailing=cfg.trailing)
+    t_start = start_timestep(schedule, strength)
+    steps, trailing = cfg.steps, cfg.trailing
+    if t_start == 0:  # one step, from the least noisy training timestep to data
+        steps, trailing = 1, False
+    elif t_start is not None and not kind.in_sigma:
+        steps = min(steps or schedule.num_timesteps, t_start + 1 - int(trailing))
+    return build_grid(schedule, steps, kind, trailing=trailing, t_start=t_start)
 
 
 @torch.no_grad()
@@ -126,23 +143,41 @@ def sample_batches(
     device: str | torch.device = "cpu",
     progress: bool = True,
     callback: Callback = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
     **cond: Any,
 ) -> Iterator[tuple[range, Tensor]]:
     """Yield (image indices, images in [-1, 1]) batch by batch; image k uses seed (seed, k).
 
     ``cond`` (:mod:`difflab.conditioning`): tensors with ``n`` rows give each image its own condition
-    (row i for image ``start + i``); tensors with one row apply to every image."""
+    (row i for image ``start + i``); tensors with one row apply to every image.
+
+    SDEdit (Meng et al. 2021, arXiv:2108.01073): with ``init`` (images in [-1, 1], ``n`` rows or one)
+    and ``strength`` s < 1, image k starts from its input noised by the forward process to timestep
+    round(s (T - 1)), x = sqrt(abar) init + sqrt(1 - abar) z with z the image's own first noise draw,
+    and the sampler runs its grid from there (:func:`make_grid`). s = 0 returns the input unchanged;
+    s = 1 ignores it: the same images as plain sampling with the same seed."""
     if n < 1:
         raise ConfigError(f"-n must be at least 1, got {n}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    grid = make_grid(denoiser.schedule, cfg)
+    if init is not None and (tuple(init.shape[1:]) != tuple(shape) or init.shape[0] not in (1, n)):
+        raise ConfigError(f"SDEdit inputs of shape {tuple(init.shape)} do not fit {n} images of shape {tuple(shape)}")
+    grid = make_grid(denoiser.schedule, cfg, strength if init is not None else 1.0)
+    abar = float(grid.alpha_bar[0])
     bar = tqdm(total=n, desc=f"sampling {cfg.sampler.value}", unit="img", disable=not progress)
     for lo in range(start, start + n, batch_size):
         idx = range(lo, min(lo + batch_size, start + n))
         gens = image_generators(seed, idx, device)
         x = randn((len(idx), *shape), gens, device=device)
         rows = take(cond, slice(lo - start, lo - start + len(idx)), n)
+        if init is not None and strength < 1.0:
+            x0 = take({"init": init}, slice(lo - start, lo - start + len(idx)), n)["init"].to(device, x.dtype)
+            if strength == 0.0:
+                yield idx, x0.clone()
+                bar.update(len(idx))
+                continue
+            x = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * x
         yield idx, run_sampler(denoiser, x, grid, cfg, generator=gens, callback=callback, **rows)
         bar.update(len(idx))
     bar.close()
