@@ -190,7 +190,8 @@ def test_train_refuses_to_overwrite(capsys, trained_run, image_folder):
     assert code == 2 and "already holds a run" in err
 
 
-EVERY_COMMAND = ["train", "demo", "sample", "eval", "fid-stats", "noise", "progress", "animate", "curves", "compare"]
+EVERY_COMMAND = ["train", "demo", "sample", "edit", "inpaint", "eval", "fid-stats", "noise", "progress", "animate", "curves",
+                 "compare"]
 
 
 def test_help_lists_every_command(capsys):
@@ -308,3 +309,62 @@ def test_compiled_sampling_gives_the_eager_images(trained_run):
     eager = sample(run.denoiser(precision="fp32"), 3, run.image_shape, cfg, progress=False)
     compiled = sample(run.denoiser(precision="fp32", compile=True), 3, run.image_shape, cfg, progress=False)
     assert torch.allclose(eager, compiled, atol=1e-4), float((eager - compiled).abs().max())
+
+
+def test_edit_and_inpaint_end_to_end(tmp_path, capsys, trained_run, image_folder):
+    """SDEdit on a folder (inputs of another size are resized, with a note), strength 0 returns the
+    inputs, the same seed gives the same edits; inpainting keeps the known pixels of the fitted input."""
+    import shutil
+
+    from difflab.data.decode import open_image, resize_center_crop
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in (0, 1):
+        shutil.copy(image_folder / f"{k}.png", src / f"face{k}.png")  # 24 x 20: resized to 16 x 16
+    code, out, err = run(capsys, "edit", "--run", trained_run, "--image", src, "--strength", "0.6", "-n", "2",
+                             "--steps", "4", "--out", tmp_path / "e", "--grid", tmp_path / "e.png", "--no-progress")
+    assert code == 0, err
+    assert "note: resized 2 of 2 input image(s) to the run's 16x16" in out
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["face0-1.png", "face0-2.png", "face1-1.png", "face1-2.png"]
+    rec = json.loads((tmp_path / "e.sampling.json").read_text())
+    assert rec["task"] == "sdedit" and rec["start_timestep"] == 599.0 and rec["steps_run"] == 4 and rec["n"] == 4
+    assert Image.open(tmp_path / "e.png").size == (3 * 18 + 2, 2 * 18 + 2)  # input + 2 edits per row
+    code, _, err = run(capsys, "edit", "--run", trained_run, "--image", src, "--strength", "0.6", "-n", "2",
+                           "--steps", "4", "--out", tmp_path / "e2", "--batch-size", "1", "--no-progress")
+    assert code == 0, err
+    for name in ("face0-2.png", "face1-1.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "e" / name)), np.asarray(Image.open(tmp_path / "e2" / name)))
+    fitted = np.asarray(resize_center_crop(open_image(src / "face1.png"), 16))
+    code, _, err = run(capsys, "edit", "--run", trained_run, "--image", src / "face1.png", "--strength", "0",
+                           "-n", "1", "--out", tmp_path / "zero", "--no-progress")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "zero" / "face1-1.png")), fitted)
+
+    code, out, err = run(capsys, "inpaint", "--run", trained_run, "--image", src / "face1.png", "--mask-kind", "center",
+                             "-n", "2", "--steps", "6", "--jump", "2", "--resample", "2", "--out", tmp_path / "p",
+                             "--grid", tmp_path / "p.png", "--no-progress")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "p.sampling.json").read_text())
+    assert rec["task"] == "inpaint" and rec["network_calls_per_image"] == 6 + 2 * 2
+    keep = np.ones((16, 16), bool)
+    keep[4:12, 4:12] = False
+    for k in (1, 2):
+        got = np.asarray(Image.open(tmp_path / "p" / f"face1-{k}.png"))
+        assert np.array_equal(got[keep], fitted[keep]) and not np.array_equal(got[~keep], fitted[~keep])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["edit", "--image", "{tmp}/missing.png"], "--image {tmp}/missing.png does not exist"),
+    (["edit", "--image", "{img}", "--strength", "1.5"], "argument --strength: expected a number in [0, 1], got '1.5'"),
+    (["inpaint", "--image", "{img}"], "one of the arguments --mask --mask-kind is required"),
+    (["inpaint", "--image", "{img}", "--mask", "{tmp}/small.png"], "is 8x8 but its image is 24x20"),
+    (["inpaint", "--image", "{img}", "--mask-kind", "left", "--sampler", "dpmpp-2m"], "inpainting takes --sampler ddpm or ddim"),
+    (["edit", "--image", "{img}", "--class", "cats"], "this run was trained without labels"),
+])
+def test_edit_bad_input_is_one_line(tmp_path, capsys, trained_run, image_folder, argv, message):
+    Image.new("L", (8, 8), 255).save(tmp_path / "small.png")
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{img}", str(image_folder / "0.png")) for a in argv]
+    code, _, err = run(capsys, *args[:1], "--run", trained_run, *args[1:], "--no-progress")
+    message = message.replace("{tmp}", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and message in err, err

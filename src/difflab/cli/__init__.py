@@ -4,6 +4,7 @@
 | ------------------------- | ------------------------------------------------- |
 | :mod:`.train`             | ``train``, ``demo``                               |
 | :mod:`.sample`            | ``sample``                                        |
+| :mod:`.edit`              | ``edit`` (SDEdit), ``inpaint`` (RePaint)          |
 | :mod:`.evaluate`          | ``eval``, ``fid-stats``                           |
 | :mod:`.visualize`         | ``noise``, ``progress``, ``animate``, ``curves``, ``compare`` |
 | :mod:`.common`            | the parser, argument types, run and sampler options, output checks |
@@ -20,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from difflab.cli import evaluate, sample, train, visualize
+from difflab.cli import edit, evaluate, sample, train, visualize
 from difflab.cli.common import EXIT_USAGE, Command, Parser
 from difflab.errors import DifflabError, DifflabWarning
 
@@ -28,7 +29,7 @@ __all__ = ["EXIT_USAGE", "build_parser", "commands", "main"]
 
 
 def commands() -> dict[str, Command]:
-    return {**train.COMMANDS, **sample.COMMANDS, **evaluate.COMMANDS, **visualize.COMMANDS}
+    return {**train.COMMANDS, **sample.COMMANDS, **edit.COMMANDS, **evaluate.COMMANDS, **visualize.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,194 @@
+"""``difflab edit`` (SDEdit) and ``difflab inpaint`` (RePaint): image-to-image on a trained run.
+
+Both take one image or a folder (``--image``), write ``<input name>-<k>.png`` for k = 1 ... K into
+``--out`` with the record beside it (``<folder>.sampling.json``, :mod:`difflab.records`), and can
+save a figure (``--grid``): one row per input, the input (masked, for inpainting) then its K results.
+Output j of input i is image i K + j of the set, with seed (seed, i K + j), so results do not depend
+on the batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from difflab.cli.common import (
+    Command,
+    add_condition_options,
+    add_run_options,
+    add_sampler_options,
+    choices,
+    out_file,
+    out_folder,
+    positive_int,
+    sampler_config,
+)
+from difflab.errors import ConfigError
+
+
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, what: str) -> None:
+    add_run_options(p)
+    add_condition_options(p)
+    p.add_argument("--image", required=True, help="an image file, or a folder of them (each is edited)")
+    p.add_argument("-n", type=positive_int, default=4, help=f"{what} per input image (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--out", help=f"folder for <input>-1.png ... (default: RUN/{what}/<input name>)")
+    p.add_argument("--grid", help="also save a figure to this file (.png or .jpg): one row per input, the input then its results")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p, "edits")
+    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, unless the run was trained with one)")
+    p.add_argument("--strength", type=_strength, default=0.5,
+                   help="how far to noise the input: 0 returns it, 1 ignores it (plain sampling); default 0.5. The "
+                        "sampler runs its --steps from timestep round(strength (T - 1)) down")
+
+
+def add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
+    from difflab.edit import MaskKind
+
+    _common(p, "inpaintings")
+    add_sampler_options(p, default="ddpm, 50 steps (RePaint's sampler); ddim also works")
+    masks = p.add_mutually_exclusive_group(required=True)
+    masks.add_argument("--mask", help="mask image of the input's size: white = regenerate, black = keep")
+    masks.add_argument("--mask-kind", choices=choices(MaskKind),
+                       help="a generated mask (random-boxes: one per input, from --seed)")
+    p.add_argument("--jump", type=positive_int, default=5,
+                   help="RePaint: grid points to noise back at each resampling (default 5)")
+    p.add_argument("--resample", type=positive_int, default=5,
+                   help="RePaint: passes over each stretch of the grid (1 = replacement only; default 5, ~5x the network calls)")
+
+
+def _prepare(args: argparse.Namespace, what: str) -> tuple[Any, Any, list[Any], dict[str, Any], Path, Path | None]:
+    """The run, inputs (notes printed), condition rows for every output, output folder and figure path."""
+    import torch
+
+    from difflab.captions import condition_rows, requests
+    from difflab.edit import load_inputs
+    from difflab.runs import load_run
+
+    if args.out:
+        out_folder(args.out, "--out")
+    grid_file = out_file(args.grid, "--grid", (".png", ".jpg", ".jpeg")) if args.grid else None
+    run = load_run(args.run, weights=args.weights)
+    channels, size = run.image_shape[0], run.image_shape[1]
+    inputs = load_inputs(args.image, size, channels)
+    for note in inputs.notes:
+        print(f"note: {note}")
+    reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
+    if len(reqs) > 1:
+        raise ConfigError(f"{what} takes at most one condition (--class, --label or --prompt) for all its inputs; "
+                          f"got {len(reqs)}")
+    total = len(inputs.images) * args.n
+    cond = {k: v if v.shape[0] == 1 else v[:1] for k, v in condition_rows(run.config.cond, reqs, 1).items()}
+    src = Path(args.image).expanduser()
+    out = Path(args.out).expanduser() if args.out else run.path / what / src.stem
+    images = inputs.images.repeat_interleave(args.n, 0)
+    assert images.shape[0] == total and images.dtype == torch.float32
+    return run, inputs, reqs, {"images": images, **cond}, out, grid_file
+
+
+def _finish(args: argparse.Namespace, run: Any, inputs: Any, reqs: list[Any], out: Path, grid_file: Path | None,
+            results: Any, shown_inputs: Any, record: dict[str, Any], what: str) -> int:
+    import torch
+
+    from difflab.data.dataset import to_uint8
+    from difflab.io import atomic_path
+    from difflab.records import conditions, write_record
+    from difflab.visualize.images import save_grid, to_pil
+
+    t0 = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    kept: list[torch.Tensor] = []
+    for idx, imgs in results:
+        for k, img in zip(idx, imgs):
+            i, j = divmod(k, args.n)
+            target = out / f"{inputs.files[i].stem}-{j + 1}.png"
+            with atomic_path(target) as tmp:
+                to_pil(to_uint8(img[None].cpu())[0]).save(tmp, format="PNG")
+            if j == 0:
+                kept.append(shown_inputs[i])
+            kept.append(img.cpu())
+    seconds = time.monotonic() - t0
+    total = len(inputs.images) * args.n
+    path = write_record(out, {
+        "run": str(run.path), "step": run.step, "n": total, "per_input": args.n, "seed": args.seed,
+        "weights": args.weights, "clip": args.clip, "precision": args.precision,
+        "inputs": [str(f) for f in inputs.files], "notes": list(inputs.notes),
+        "guidance": args.guidance, "guidance_interval": args.guidance_interval,
+        "conditions": conditions(reqs, total, run.config.cond.schema), "seconds": seconds, **record,
+    })
+    if grid_file is not None:
+        save_grid(torch.stack(kept), grid_file, nrow=args.n + 1)
+    print(f"wrote {total} {what} of {len(inputs.images)} input(s) to {out} in {seconds:.1f} s; record: {path}"
+          + (f"; figure: {grid_file}" if grid_file else ""))
+    return 0
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from difflab.config import to_dict
+    from difflab.samplers import make_grid, sample_batches
+
+    run, inputs, reqs, rows, out, grid_file = _prepare(args, "edits")
+    cfg = sampler_config(args, run.config.sampler)
+    grid = make_grid(run.schedule, cfg, args.strength)  # a bad --steps fails here, before any work
+    init = rows.pop("images")
+    denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
+    results = sample_batches(denoiser, len(init), run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
+                             progress=not args.no_progress, init=init, strength=args.strength, **rows)
+    start_t = None if args.strength == 1.0 else float(grid.t[0])
+    return _finish(args, run, inputs, reqs, out, grid_file, results, inputs.images, {
+        "task": "sdedit", "strength": args.strength, "start_timestep": start_t,
+        "steps_run": 0 if args.strength == 0 else len(grid),
+        "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value,
+    }, "edits")
+
+
+def run_inpaint(args: argparse.Namespace) -> int:
+    import torch
+
+    from difflab.config import to_dict
+    from difflab.edit import inpaint_batches, load_mask, make_mask
+    from difflab.edit.inpaint import DEFAULT_SAMPLER, network_calls
+    from difflab.samplers import image_generators, make_grid
+
+    run, inputs, reqs, rows, out, grid_file = _prepare(args, "inpaintings")
+    cfg = sampler_config(args, DEFAULT_SAMPLER)
+    size = run.image_shape[1]
+    if args.mask:
+        masks = torch.stack([load_mask(args.mask, size, wh) for wh in inputs.sizes])
+    elif args.mask_kind == "random-boxes":
+        masks = torch.stack([make_mask(args.mask_kind, size, g) for g in image_generators(args.seed, range(len(inputs.images)))])
+    else:
+        masks = make_mask(args.mask_kind, size)[None].expand(len(inputs.images), -1, -1, -1)
+    steps = len(make_grid(run.schedule, cfg))
+    images = rows.pop("images")
+    denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
+    results = inpaint_batches(denoiser, images, masks.repeat_interleave(args.n, 0), len(images), cfg, jump=args.jump,
+                              resample=args.resample, seed=args.seed, batch_size=args.batch_size,
+                              progress=not args.no_progress, **rows)
+    shown = torch.where(masks, torch.zeros(()), inputs.images)  # regenerated region shown mid-grey
+    return _finish(args, run, inputs, reqs, out, grid_file, results, shown, {
+        "task": "inpaint", "mask": args.mask, "mask_kind": args.mask_kind, "jump": args.jump, "resample": args.resample,
+        "network_calls_per_image": network_calls(steps, args.jump, args.resample),
+        "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value,
+    }, "inpaintings")
+
+
+COMMANDS: dict[str, Command] = {
+    "edit": ("SDEdit: noise images part-way and denoise them with a trained run", add_edit_arguments, run_edit),
+    "inpaint": ("inpaint the masked (white) region of images with a trained run (RePaint)", add_inpaint_arguments,
+                run_inpaint),
+}
