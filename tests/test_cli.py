@@ -190,7 +190,7 @@ def test_train_refuses_to_overwrite(capsys, trained_run, image_folder):
     assert code == 2 and "already holds a run" in err
 
 
-EVERY_COMMAND = ["train", "demo", "sample", "edit", "inpaint", "eval", "fid-stats", "noise", "progress", "animate", "curves",
+EVERY_COMMAND = ["train", "demo", "sample", "edit", "inpaint", "upscale", "eval", "fid-stats", "noise", "progress", "animate", "curves",
                  "compare"]
 
 

@@ -120,6 +120,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class UpscaleConfig:
+    """A super-resolution run (``difflab train --task upscale --from S``): the network learns the
+    ``image_size`` image given its ``from_size`` version (downscaled with antialiasing, upsampled back
+    bicubically, concatenated to its input). ``from_size`` 0 = an ordinary generative run.
+
+    ``residual``: the diffusion models the residual (image - bicubic upsampling of its low-resolution
+    version) rather than the image (SRDiff, Li et al. 2022), so a network that predicts nothing leaves
+    the bicubic upsampling. ``noise``: training augmentation of the low-resolution input, Gaussian noise
+    of a standard deviation drawn per image from U[0, noise] (cascaded diffusion's conditioning
+    augmentation, Ho et al. 2021, without conditioning on the level), so the stage tolerates the
+    base model's flaws; 0 = off. Sampling never adds it."""
+
+    from_size: int = 0
+    residual: bool = True
+    noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.from_size, bool) or not isinstance(self.from_size, int) or self.from_size < 0:
+            raise ConfigError(f"upscale.from_size (--from) must be a positive integer, got {self.from_size!r}")
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"upscale.residual must be true or false, got {self.residual!r}")
+        if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)) or not 0 <= self.noise <= 1:
+            raise ConfigError(f"upscale.noise must be a number in [0, 1], got {self.noise!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.from_size > 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: UNetConfig = field(default_factory=lambda: unet_config("small"))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -128,6 +158,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cond: CondConfig = field(default_factory=CondConfig)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     preset: str = "small"
 
     def __post_init__(self) -> None:
@@ -135,6 +166,13 @@ class RunConfig:
             raise ConfigError(
                 f"model.image_size={self.model.image_size} differs from data.image_size={self.data.image_size}"
             )
+        up = self.upscale
+        if up.active and not up.from_size < self.data.image_size:
+            raise ConfigError(f"--from {up.from_size} must be smaller than --image-size {self.data.image_size}")
+        want = self.model.in_channels if up.active else 0
+        if self.model.cond_channels != want:
+            raise ConfigError(f"model.cond_channels={self.model.cond_channels} but a "
+                              f"{'super-resolution' if up.active else 'generative'} run needs {want}")
         schema = self.cond.schema
         if schema is not None and not self.cond.captions and self.model.conditions != schema.sizes:
             raise ConfigError(f"the model takes labels of sizes {list(self.model.conditions)} but the data's labels "
@@ -354,6 +392,9 @@ def resolve_config(
             raw["model"]["in_channels"] = raw["data"]["channels"]
         elif raw["data"]["source"] == "fashion-mnist":
             raw["model"]["in_channels"] = 1
+    if "model.cond_channels" not in explicit:  # a super-resolution run sees the upsampled image beside x
+        up = raw.get("upscale") or {}
+        raw["model"]["cond_channels"] = raw["model"]["in_channels"] if up.get("from_size") else 0
     return from_dict(RunConfig, raw)
 
 

@@ -101,7 +101,8 @@ def _prepare(args: argparse.Namespace, what: str) -> tuple[Any, Any, list[Any], 
 
 
 def _finish(args: argparse.Namespace, run: Any, inputs: Any, reqs: list[Any], out: Path, grid_file: Path | None,
-            results: Any, shown_inputs: Any, record: dict[str, Any], what: str) -> int:
+            results: Any, shown_inputs: Any, record: dict[str, Any], what: str, plain_names: bool = False) -> int:
+    """Write the results as <input>-<k>.png (<input>.png with ``plain_names`` and -n 1), the record and the figure."""
     import torch
 
     from difflab.data.dataset import to_uint8
@@ -115,7 +116,8 @@ def _finish(args: argparse.Namespace, run: Any, inputs: Any, reqs: list[Any], ou
     for idx, imgs in results:
         for k, img in zip(idx, imgs):
             i, j = divmod(k, args.n)
-            target = out / f"{inputs.files[i].stem}-{j + 1}.png"
+            stem = inputs.files[i].stem
+            target = out / (f"{stem}.png" if plain_names and args.n == 1 else f"{stem}-{j + 1}.png")
             with atomic_path(target) as tmp:
                 to_pil(to_uint8(img[None].cpu())[0]).save(tmp, format="PNG")
             if j == 0:
@@ -127,7 +129,7 @@ def _finish(args: argparse.Namespace, run: Any, inputs: Any, reqs: list[Any], ou
         "run": str(run.path), "step": run.step, "n": total, "per_input": args.n, "seed": args.seed,
         "weights": args.weights, "clip": args.clip, "precision": args.precision,
         "inputs": [str(f) for f in inputs.files], "notes": list(inputs.notes),
-        "guidance": args.guidance, "guidance_interval": args.guidance_interval,
+        "guidance": getattr(args, "guidance", None), "guidance_interval": getattr(args, "guidance_interval", None),
         "conditions": conditions(reqs, total, run.config.cond.schema), "seconds": seconds, **record,
     })
     if grid_file is not None:
@@ -187,8 +189,50 @@ def run_inpaint(args: argparse.Namespace) -> int:
     }, "inpaintings")
 
 
+def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_options(p)
+    add_sampler_options(p, default="the super-resolution run's [sampler] table")
+    p.add_argument("--images", "--image", dest="image", required=True,
+                   help="a low-resolution image or a folder of them (resized to the run's --from size first, with a note)")
+    p.add_argument("-n", type=positive_int, default=1, help="upscalings per input (default 1: <input>.png; more: <input>-k.png)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--out", help="folder for the upscaled images (default: RUN/upscaled/<input name>)")
+    p.add_argument("--grid", help="also save a figure (.png or .jpg): one row per input, its bicubic upsampling then the results")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    from difflab.config import to_dict
+    from difflab.edit import load_inputs
+    from difflab.edit.upscale import resize, upscale_batches
+    from difflab.runs import load_run
+
+    if args.out:
+        out_folder(args.out, "--out")
+    grid_file = out_file(args.grid, "--grid", (".png", ".jpg", ".jpeg")) if args.grid else None
+    run = load_run(args.run, weights=args.weights)
+    up = run.config.upscale
+    if not up.active:
+        raise ConfigError(f"--run {args.run} is not a super-resolution run (train one with --task upscale --from SIZE)")
+    channels, size = run.image_shape[0], run.image_shape[1]
+    inputs = load_inputs(args.image, up.from_size, channels, "--images")
+    for note in inputs.notes:
+        print(f"note: {note}")
+    cfg = sampler_config(args, run.config.sampler)
+    out = Path(args.out).expanduser() if args.out else run.path / "upscaled" / Path(args.image).expanduser().stem
+    denoiser = run.denoiser(args.clip, args.precision)
+    low = inputs.images.repeat_interleave(args.n, 0)
+    results = upscale_batches(denoiser, low, up, size, cfg, seed=args.seed, batch_size=args.batch_size,
+                              progress=not args.no_progress)
+    return _finish(args, run, inputs, [], out, grid_file, results, resize(inputs.images, size), {
+        "task": "upscale", "from_size": up.from_size, "size": size, "sampler": to_dict(cfg),
+        "grid_kind": cfg.grid_kind.value,
+    }, "upscaled", plain_names=True)
+
+
 COMMANDS: dict[str, Command] = {
     "edit": ("SDEdit: noise images part-way and denoise them with a trained run", add_edit_arguments, run_edit),
     "inpaint": ("inpaint the masked (white) region of images with a trained run (RePaint)", add_inpaint_arguments,
                 run_inpaint),
+    "upscale": ("upscale images with a super-resolution run (--task upscale)", add_upscale_arguments, run_upscale),
 }

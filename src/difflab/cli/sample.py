@@ -41,6 +41,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                                  "the record of the run goes beside it, <folder>.sampling.json")
     p.add_argument("--format", default=ImageFormat.JPG.value, choices=choices(ImageFormat), help="image format (default jpg)")
     p.add_argument("--grid", help="also save a grid of the first 64 images to this file (.png or .jpg)")
+    p.add_argument("--upscale-run", metavar="SR_RUN",
+                   help="cascade: upscale every image with this super-resolution run (trained with --task upscale --from "
+                        "<this run's size>), writing the upscaled images; it samples with its own [sampler] table")
+    p.add_argument("--upscale-steps", type=positive_int, help="sampling steps of the --upscale-run stage")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -49,6 +53,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from difflab.captions import condition_rows, requests
     from difflab.config import to_dict
+    from difflab.edit.upscale import upscale_batches
     from difflab.records import conditions, write_record
     from difflab.runs import load_run
     from difflab.samplers import make_grid, sample_batches
@@ -58,7 +63,11 @@ def run_sample(args: argparse.Namespace) -> int:
         out_folder(args.out, "--out")
     grid_file = out_file(args.grid, "--grid", (".png", ".jpg", ".jpeg")) if args.grid else None
     run = load_run(args.run, weights=args.weights)
+    if run.config.upscale.active:
+        raise ConfigError(f"--run {args.run} is a super-resolution run (from {run.config.upscale.from_size} px): use "
+                          "difflab upscale --run SR --images ..., or difflab sample --run BASE --upscale-run SR")
     cfg = sampler_config(args, run.config.sampler)
+    stage = _upscale_stage(args, run) if args.upscale_run else None
     make_grid(run.schedule, cfg)  # a bad --steps fails here, before any work
     reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
     if args.start and reqs:
@@ -75,6 +84,11 @@ def run_sample(args: argparse.Namespace) -> int:
                             guidance_interval=args.guidance_interval)
     for idx, imgs in sample_batches(denoiser, total, run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
                                     start=args.start, progress=not args.no_progress, **cond):
+        if stage is not None:  # the cascade's second stage, on this batch (image k keeps its index and seed)
+            sr_run, sr_denoiser, sr_cfg = stage
+            imgs = torch.cat([b for _, b in upscale_batches(
+                sr_denoiser, imgs, sr_run.config.upscale, sr_run.image_shape[1], sr_cfg, seed=args.seed, start=idx.start,
+                batch_size=args.batch_size, progress=False)])
         save_numbered(imgs, out, idx.start, args.format)
         # the grid: the first 64 images, or the first `per_row` images of each request, one row each
         kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if by_row else len(kept) < 64)]
@@ -85,12 +99,32 @@ def run_sample(args: argparse.Namespace) -> int:
         "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value, "nfe_per_image": cfg.nfe(T), "seconds": seconds,
         "guidance": args.guidance, "guidance_interval": args.guidance_interval,
         "conditions": conditions(reqs, args.n, run.config.cond.schema),
+        "upscale": None if stage is None else {"run": str(stage[0].path), "step": stage[0].step, "sampler": to_dict(stage[2]),
+                                               "from_size": stage[0].config.upscale.from_size, "size": stage[0].image_shape[1]},
     }, args.start)
     if grid_file is not None:
         save_grid(torch.stack(kept), grid_file, nrow=per_row if by_row else None)
     print(f"wrote {total} images to {out} in {seconds:.1f} s ({total / seconds:.1f} images/s); record: {record}"
           + (f"; grid: {grid_file}" + (" (one row per condition)" if by_row else "") if grid_file else ""))
     return 0
+
+
+def _upscale_stage(args: argparse.Namespace, run: Any) -> tuple[Any, Any, Any]:
+    """The --upscale-run stage: (run, denoiser, sampler config), checked against the base run."""
+    import dataclasses
+
+    from difflab.runs import load_run
+
+    sr = load_run(args.upscale_run, weights=args.weights)
+    up = sr.config.upscale
+    if not up.active:
+        raise ConfigError(f"--upscale-run {args.upscale_run} is not a super-resolution run "
+                          "(train it with --task upscale --from SIZE)")
+    if (up.from_size, sr.image_shape[0]) != (run.image_shape[1], run.image_shape[0]):
+        raise ConfigError(f"--upscale-run {args.upscale_run} upscales {sr.image_shape[0]}-channel {up.from_size} px images, but "
+                          f"--run {args.run} makes {run.image_shape[0]}-channel {run.image_shape[1]} px images")
+    cfg = sr.config.sampler if args.upscale_steps is None else dataclasses.replace(sr.config.sampler, steps=args.upscale_steps)
+    return sr, sr.denoiser(args.clip, args.precision), cfg
 
 
 COMMANDS: dict[str, Command] = {

@@ -24,6 +24,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", action="store_true",
                    help="condition on text instead: captions built from the labels, embedded by cond.text_encoder "
                         "(needs the [text] extra); sample with --prompt")
+    p.add_argument("--task", choices=["generate", "upscale"], default=None,
+                   help="generate (default): a model that makes images; upscale: a super-resolution model that makes the "
+                        "--image-size image from its --from version (SR3; use with difflab upscale or sample --upscale-run)")
+    p.add_argument("--from", dest="from_size", type=positive_int, metavar="SIZE",
+                   help="--task upscale: the low resolution it upscales from, e.g. 32 (training pairs are made on the fly)")
     p.add_argument("--out", help="run directory to create (or continue, with --resume)")
     p.add_argument("--config", help="a TOML file with [model], [schedule], [loss], [data], [train], [sampler] tables")
     p.add_argument("--preset", choices=preset_names(), help="network size preset (default: small)")
@@ -40,7 +45,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_flags(args: argparse.Namespace) -> dict:
+    if getattr(args, "task", None) == "upscale" and not args.from_size:
+        raise ConfigError("--task upscale needs --from SIZE, the resolution it upscales from (e.g. --from 32)")
+    if getattr(args, "from_size", None) and args.task != "upscale":
+        raise ConfigError("--from is for --task upscale (a super-resolution run)")
     return {
+        "upscale.from_size": getattr(args, "from_size", None),
         "data.source": args.data, "data.image_size": args.image_size, "data.channels": args.channels,
         "data.labels": args.labels, "cond.captions": True if args.captions else None,
         "train.max_steps": args.max_steps, "train.minutes": args.minutes, "train.batch_size": args.batch_size,

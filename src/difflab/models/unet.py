@@ -113,6 +113,9 @@ class UNetConfig:
         text_dim: > 0 adds a linear map of a pooled text embedding of this size to the time embedding.
         cross_attention_resolutions: feature-map sizes where a cross-attention layer attends to the text's
             token embeddings (of size ``text_dim``), after that level's blocks; needs ``text_dim > 0``.
+        cond_channels: > 0 makes the network take an image of this many channels, at the input's size,
+            concatenated to its input (``lowres``: the upsampled low-resolution image of a
+            super-resolution model, as in SR3, Saharia et al. 2021).
     """
 
     image_size: int = 32
@@ -132,6 +135,7 @@ class UNetConfig:
     label_sizes: tuple[int, ...] = ()
     text_dim: int = 0
     cross_attention_resolutions: tuple[int, ...] = ()
+    cond_channels: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place: lists -> tuples, strings -> enums, ints -> floats
@@ -166,6 +170,7 @@ class UNetConfig:
              _check_int_tuple("cross_attention_resolutions", self.cross_attention_resolutions, 1))
         if self.cross_attention_resolutions and not self.text_dim:
             raise ConfigError("UNetConfig.cross_attention_resolutions needs text_dim > 0 (the token embedding size)")
+        _check_int("cond_channels", self.cond_channels, 0)
 
         factor = 2 ** (len(self.channel_mults) - 1)
         if self.image_size % factor:
@@ -219,7 +224,7 @@ class UNetConfig:
 class UNet(nn.Module):
     """The DDPM UNet (see the module docstring), predicting a tensor of the input's shape.
 
-    ``forward(x, t, labels=None, text=None, text_tokens=None, text_mask=None)``:
+    ``forward(x, t, labels=None, text=None, text_tokens=None, text_mask=None, lowres=None)``:
 
     - ``x``: ``(B, in_channels, H, W)`` with ``H`` and ``W`` divisible by ``2 ** (levels - 1)``;
     - ``t``: timesteps in the model's training scale (e.g. 0..999, fractions allowed), shape ``(B,)`` or
@@ -227,7 +232,9 @@ class UNet(nn.Module):
     - ``labels``: ``(B, A)`` (or ``(B,)`` for one attribute) integers, -1 = not given; ``None`` = none given;
     - ``text``: ``(B, text_dim)`` pooled text embedding (all zeros = no text);
     - ``text_tokens``, ``text_mask``: ``(B, L, text_dim)`` token embeddings and ``(B, L)`` booleans for the
-      cross-attention layers. Conditions a model does not take are an error.
+      cross-attention layers;
+    - ``lowres``: ``(B, cond_channels, H, W)``, an image concatenated to ``x`` (super-resolution).
+    Conditions a model does not take are an error.
 
     Returns a tensor of ``x``'s shape and dtype (also under autocast). Output conv, the last layer of
     each block and the attention output projections start at zero, so a fresh network outputs zeros.
@@ -263,7 +270,7 @@ class UNet(nn.Module):
         self.cond_embed = ConditionEmbedding(c.conditions, c.text_dim, emb_dim)
         cross_at = set(c.cross_attention_resolutions)
 
-        self.conv_in = nn.Conv2d(c.in_channels, base, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels + c.cond_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base]
         ch = base
@@ -313,7 +320,8 @@ class UNet(nn.Module):
         return F.silu(emb if cond is None else emb + cond)
 
     def forward(self, x: torch.Tensor, t: Any, labels: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                lowres: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         factor = 2 ** (len(c.channel_mults) - 1)
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % factor or x.shape[3] % factor:
@@ -329,7 +337,17 @@ class UNet(nn.Module):
             mask = text_mask if text_mask is not None else torch.ones(text_tokens.shape[:2], dtype=torch.bool)
             context = (text_tokens.to(x.device), mask.to(x.device))
 
-        h = self.conv_in(x)
+        if c.cond_channels:
+            want = (x.shape[0], c.cond_channels, *x.shape[2:])
+            if lowres is None or tuple(lowres.shape) != want:
+                got = "none" if lowres is None else tuple(lowres.shape)
+                raise DifflabError(f"UNet: this model needs lowres of shape {want} (the upsampled low-resolution "
+                                   f"image), got {got}")
+            h = self.conv_in(torch.cat([x, lowres.to(x.device, x.dtype)], dim=1))
+        elif lowres is not None:
+            raise DifflabError("UNet: lowres given, but this model takes no conditioning image (model.cond_channels=0)")
+        else:
+            h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
             h = stage(h, emb, context)

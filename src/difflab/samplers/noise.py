@@ -16,13 +16,16 @@ from torch import Tensor
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def image_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for image ``index`` of a run with base ``seed``."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def image_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for image ``index`` of a run with base ``seed``; ``stream`` > 0 gives
+    the image independent streams for later stages (e.g. 1: the super-resolution stage of a cascade)."""
+    key = [int(seed), int(index)] + ([int(stream)] if stream else [])
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu",
+                     stream: int = 0) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i, stream)) for i in indices]
 
 
 def randn(shape: Sequence[int], generator: Generators, *, dtype=torch.float32, device="cpu") -> Tensor:

@@ -145,9 +145,11 @@ def sample_batches(
     callback: Callback = None,
     init: Tensor | None = None,
     strength: float = 1.0,
+    stream: int = 0,
     **cond: Any,
 ) -> Iterator[tuple[range, Tensor]]:
-    """Yield (image indices, images in [-1, 1]) batch by batch; image k uses seed (seed, k).
+    """Yield (image indices, images in [-1, 1]) batch by batch; image k uses seed (seed, k) (and
+    ``stream``, :func:`~difflab.samplers.noise.image_seed`).
 
     ``cond`` (:mod:`difflab.conditioning`): tensors with ``n`` rows give each image its own condition
     (row i for image ``start + i``); tensors with one row apply to every image.
@@ -168,7 +170,7 @@ def sample_batches(
     bar = tqdm(total=n, desc=f"sampling {cfg.sampler.value}", unit="img", disable=not progress)
     for lo in range(start, start + n, batch_size):
         idx = range(lo, min(lo + batch_size, start + n))
-        gens = image_generators(seed, idx, device)
+        gens = image_generators(seed, idx, device, stream)
         x = randn((len(idx), *shape), gens, device=device)
         rows = take(cond, slice(lo - start, lo - start + len(idx)), n)
         if init is not None and strength < 1.0:

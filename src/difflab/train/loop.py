@@ -34,6 +34,7 @@ from difflab.config import LRDecay, RunConfig
 from difflab.data.augment import augment
 from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
+from difflab.edit.upscale import resize, training_pair, upscale_batches
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
 from difflab.models.unet import UNet
@@ -234,6 +235,8 @@ class Trainer:
             t = self.objective.sample_t(len(x0), self.gen)
             noise = torch.randn(x0.shape, generator=self.gen).to(self.device).contiguous(memory_format=self.memory_format)
             cond = self.conditions.batch(idx, self.gen)
+            if self.cfg.upscale.active:  # a super-resolution run: the low-resolution version is the condition
+                x0, cond["lowres"] = training_pair(x0, self.cfg.upscale, self.gen)
             sync = contextlib.nullcontext() if self.ddp is None or micro == tc.grad_accum - 1 else self.ddp.no_sync()
             with sync:
                 per_example = self.objective.loss(x0, t, noise, **cond)
@@ -336,8 +339,13 @@ class Trainer:
         c, s = self.cfg.model.in_channels, self.cfg.model.image_size
         with torch.random.fork_rng(devices=[]):  # sampling must not disturb training randomness
             n = self.cfg.train.sample_grid_size
-            imgs = sample(self.denoiser(), n, (c, s, s), PREVIEW_SAMPLER, seed=self.cfg.train.seed, batch_size=64,
-                          device=self.device, progress=False, **self.conditions.preview(n))
+            if self.cfg.upscale.active:  # the first training images, downscaled and upscaled again
+                low = resize(to_float(self.data.images[: min(n, len(self.data.images))]), self.cfg.upscale.from_size)
+                imgs = torch.cat([b for _, b in upscale_batches(self.denoiser(), low, self.cfg.upscale, s, PREVIEW_SAMPLER,
+                                                                seed=self.cfg.train.seed, device=self.device, progress=False)])
+            else:
+                imgs = sample(self.denoiser(), n, (c, s, s), PREVIEW_SAMPLER, seed=self.cfg.train.seed, batch_size=64,
+                              device=self.device, progress=False, **self.conditions.preview(n))
         out = self.run_dir / "samples"
         save_grid(imgs, out / f"step-{self.step:07d}.png", scale=2)
         save_grid(imgs, out / "latest.png", scale=2)
