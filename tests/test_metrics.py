@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import subprocess
+import math
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -585,3 +586,26 @@ def test_cli_runs_eval_and_fid_stats(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, argv
+
+
+def test_psnr_and_ssim_closed_forms():
+    """PSNR of a known MSE; SSIM is 1 for identical images, and for a constant offset d on a flat image
+    it is the luminance term alone, (2 m (m + d) + C1) / (m^2 + (m + d)^2 + C1)."""
+    from difflab.metrics.pixel import psnr, ssim
+
+    a = torch.full((2, 3, 16, 16), 100, dtype=torch.uint8)
+    b = a.clone()
+    b[0] += 10  # MSE 100 everywhere
+    b[1, :, :8] += 20  # MSE 400 on half the pixels: 200
+    assert torch.allclose(psnr(a, b), torch.tensor([10 * math.log10(255**2 / 100), 10 * math.log10(255**2 / 200)], dtype=torch.float64))
+    assert psnr(a, a).isinf().all()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (2, 3, 24, 24), generator=g, dtype=torch.uint8)
+    assert torch.allclose(ssim(noise, noise), torch.ones(2, dtype=torch.float64))
+    m, d, c1 = 100.0, 10.0, (0.01 * 255) ** 2
+    assert torch.allclose(ssim(a, b)[0], torch.tensor((2 * m * (m + d) + c1) / (m**2 + (m + d) ** 2 + c1), dtype=torch.float64))
+    blurred = torch.nn.functional.avg_pool2d(noise.double(), 3, 1, 1).round().to(torch.uint8)
+    assert 0 < float(ssim(noise, blurred).max()) < 0.9  # structure lost, luminance kept
+    assert torch.allclose(psnr(noise.double() / 127.5 - 1, blurred.double() / 127.5 - 1), psnr(noise, blurred))
+    with pytest.raises(ConfigError, match="11x11 window"):
+        ssim(noise[:, :, :8, :8], noise[:, :, :8, :8])
