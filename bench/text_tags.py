@@ -77,7 +77,11 @@ def evaluate(run: Path, mode_dir: Path, w: float, prs: list[tuple[str, str]], pe
     out = mode_dir / f"w{w:g}"
     res_file = out / "result.json"
     if res_file.exists():
-        return json.loads(res_file.read_text())
+        summary = json.loads(res_file.read_text())
+        if "hair_by_phrasing" not in summary:  # results written before the per-phrasing column
+            summary["hair_by_phrasing"] = per_phrasing(run, out / next(p.name for p in out.iterdir() if p.is_dir()))
+            res_file.write_text(json.dumps(summary, indent=2))
+        return summary
     spec = parse_sampler_specs("dpmpp-2m-sde-20", loaded.schedule.num_timesteps)
     result = run_comparison(loaded, spec, n=per_prompt, out=out, guidance=(w,) if w != 1.0 else (1.0,), reqs=reqs,
                             batch_size=100, progress=False)
@@ -88,8 +92,32 @@ def evaluate(run: Path, mode_dir: Path, w: float, prs: list[tuple[str, str]], pe
     summary = {"guidance": w, "accuracy": scores["accuracy"], "fid": scores["fid"], "kid_mean": scores["kid_mean"],
                "images_per_s": row["images_per_s"], "judge": scores["classifier"]["held_out_accuracy"],
                "n": per_prompt * len(prs)}
+    summary["hair_by_phrasing"] = per_phrasing(run, Path(row["folder"]))
     res_file.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def per_phrasing(run: Path, folder: Path) -> list[float]:
+    """Hair accuracy of the images asked with each :data:`HELD_OUT` phrasing (pair k used phrasing k % 4)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from difflab.data.labels import LabelSchema
+    from difflab.metrics.judge import run_classifier
+
+    judge, _ = run_classifier(run, progress=False)
+    schema = LabelSchema(judge.attributes, judge.classes)
+    rec = json.loads(folder.with_name(folder.name + ".sampling.json").read_text())
+    hits, counts = [0] * len(HELD_OUT), [0] * len(HELD_OUT)
+    for k, c in enumerate(rec["conditions"]):
+        lo, hi = c["images"]
+        imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / f"{i}.png").convert("RGB")).copy()).permute(2, 0, 1)
+                            for i in range(lo, hi + 1)])
+        want = schema.parse(",".join(f"{a}={v}" for a, v in c["labels"].items()))[0]
+        hits[k % len(HELD_OUT)] += int((judge.predict(imgs)[:, 0] == want).sum())
+        counts[k % len(HELD_OUT)] += hi - lo + 1
+    return [h / n for h, n in zip(hits, counts)]
 
 
 def main() -> None:
@@ -122,13 +150,15 @@ def main() -> None:
             r = evaluate(run, run / "heldout", w, prs, args.per_prompt, real)
             table.append((mode, r))
             print(mode, json.dumps(r), flush=True)
-    print("\n| text input | w | hair acc | eyes acc | both | FID | KID x1000 | images/s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| text input | w | hair acc | eyes acc | both | FID | KID x1000 | images/s | hair acc per held-out phrasing |"
+          "\n|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for mode, r in table:
         a = r["accuracy"]
         fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
         kid = "-" if r["kid_mean"] is None else f"{1000 * r['kid_mean']:.2f}"
+        by = " / ".join(f"{v:.2f}" for v in r["hair_by_phrasing"])
         print(f"| {mode} | {r['guidance']:g} | {a['hair']:.3f} | {a['eyes']:.3f} | {a['all']:.3f} | {fid} | {kid} | "
-              f"{r['images_per_s']:.1f} |")
+              f"{r['images_per_s']:.1f} | {by} |")
     best_mode, best = max(table, key=lambda mr: mr[1]["accuracy"]["hair"])
     print(f"best={best_mode} w={best['guidance']:g} hair_accuracy={best['accuracy']['hair']:.3f} "
           f"eyes_accuracy={best['accuracy']['eyes']:.3f} judge_hair={best['judge']['hair']:.3f}")

@@ -245,3 +245,22 @@ def test_text_augmentation_options_are_checked(field, value, message):
 
     with pytest.raises(ConfigError, match=message):
         CondConfig(**{field: value})
+
+
+def test_explicit_fields_give_the_same_captions_with_room_between_value_and_name():
+    from difflab.captions import caption, explicit_fields, template_variants
+    from difflab.data.labels import LabelSchema
+
+    schema = LabelSchema(("hair", "eyes"), (("blue", "red"), ("green", "red")))
+    for t in ("{list}", "a girl with {and}", "{and_reversed}", "anime, {list}!"):
+        e = explicit_fields(t, schema)
+        assert "{list}" not in e and "{and" not in e
+        for row in ([0, 1], [1, 0]):
+            assert caption(schema, row, e) == caption(schema, row, t), (t, row)
+        for row in ([0, -1], [-1, 1]):  # an attribute dropped: like every template naming attributes, {list}
+            assert caption(schema, row, e) == caption(schema, row, "{list}")
+    assert explicit_fields("{list}", schema) == "{hair} hair, {eyes} eyes"
+    one = LabelSchema(("class",), (("Bag", "Coat"),))
+    assert explicit_fields("a {list}", one) == "a {list}"
+    variants = template_variants([explicit_fields("{and}", schema)], 30, ["zz"], seed=0)
+    assert any("{hair} zz hair" in v or "{eyes} zz eyes" in v for v in variants)  # a word between value and name

@@ -58,6 +58,23 @@ def filler_vocabulary(words: Sequence[str], schema: LabelSchema) -> list[str]:
     return sorted({w for w in words if w.isascii() and w.isalpha() and len(w) >= 3 and w.lower() not in banned})
 
 
+def explicit_fields(template: str, schema: LabelSchema) -> str:
+    """``template`` with {list}, {and} and {and_reversed} written out per attribute ("{list}" ->
+    "{hair} hair, {eyes} eyes"), the same captions for rows that give every attribute, but with word
+    boundaries between each value and its attribute name, where :func:`template_variants` may insert
+    words ("blue hair" -> "blue shiny hair"), so the network cannot read a colour off the position
+    just before "hair". One-attribute schemas are left as they are (the value stands alone)."""
+    if len(schema.attributes) < 2:
+        return template
+    parts = [f"{{{a}}} {a}" for a in schema.attributes]
+    rev = list(reversed(parts))
+
+    def joined(ps: list[str]) -> str:
+        return " and ".join(ps) if len(ps) < 3 else ", ".join(ps[:-1]) + " and " + ps[-1]
+
+    return template.replace("{list}", ", ".join(parts)).replace("{and_reversed}", joined(rev)).replace("{and}", joined(parts))
+
+
 def template_variants(templates: Sequence[str], variants: int, vocabulary: Sequence[str], seed: int = 0,
                       accept: Callable[[str], bool] = lambda text: True) -> list[str]:
     """``templates`` followed by ``variants`` copies of each with one to three words of ``vocabulary``
@@ -103,7 +120,8 @@ class CaptionBank:
                 return max(len(tokenizer.tokenize(caption(schema, r, template))) for r in rows) + 2 <= text_encoder.max_tokens
 
             vocab = filler_vocabulary(tokenizer.get_vocab(), schema)
-            templates = template_variants(templates, variants, vocab, accept=fits)
+            extra = template_variants([explicit_fields(t, schema) for t in templates], variants, vocab, accept=fits)
+            templates = [*templates, *extra[len(templates):]]
         self.schema, self.templates, self.mode = schema, tuple(templates), mode
         # every combination of "value or not given" over the attributes, all-not-given excluded
         self.rows = [r for r in itertools.product(*[range(-1, n) for n in schema.sizes]) if any(v >= 0 for v in r)]
