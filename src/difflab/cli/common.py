@@ -83,6 +83,13 @@ def out_folder(path: str | Path, flag: str) -> Path:
     return out
 
 
+def check_outputs(args: argparse.Namespace) -> Path | None:
+    """Check ``--out`` (a folder, if given) and ``--grid`` (an image file name) before any work; the grid path."""
+    if args.out:
+        out_folder(args.out, "--out")
+    return out_file(args.grid, "--grid", (".png", ".jpg", ".jpeg")) if args.grid else None
+
+
 # -- loading a run ----------------------------------------------------------------------------------
 def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> None:
     """--run, --weights, --clip, --precision (and --compile), --seed: how a trained run samples."""

@@ -18,9 +18,8 @@ from difflab.cli.common import (
     add_condition_options,
     add_run_options,
     add_sampler_options,
+    check_outputs,
     choices,
-    out_file,
-    out_folder,
     positive_int,
     sampler_config,
 )
@@ -79,9 +78,7 @@ def _prepare(args: argparse.Namespace, what: str) -> tuple[Any, Any, list[Any], 
     from difflab.edit import load_inputs
     from difflab.runs import load_run
 
-    if args.out:
-        out_folder(args.out, "--out")
-    grid_file = out_file(args.grid, "--grid", (".png", ".jpg", ".jpeg")) if args.grid else None
+    grid_file = check_outputs(args)
     run = load_run(args.run, weights=args.weights)
     channels, size = run.image_shape[0], run.image_shape[1]
     inputs = load_inputs(args.image, size, channels)
@@ -207,9 +204,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     from difflab.edit.upscale import resize, upscale_batches
     from difflab.runs import load_run
 
-    if args.out:
-        out_folder(args.out, "--out")
-    grid_file = out_file(args.grid, "--grid", (".png", ".jpg", ".jpeg")) if args.grid else None
+    grid_file = check_outputs(args)
     run = load_run(args.run, weights=args.weights)
     up = run.config.upscale
     if not up.active:

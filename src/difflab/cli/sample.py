@@ -15,10 +15,9 @@ from difflab.cli.common import (
     add_condition_options,
     add_run_options,
     add_sampler_options,
+    check_outputs,
     choices,
     nonneg_int,
-    out_file,
-    out_folder,
     positive_int,
     sampler_config,
     sampler_name,
@@ -59,9 +58,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from difflab.samplers import make_grid, sample_batches
     from difflab.visualize.images import save_grid, save_numbered
 
-    if args.out:
-        out_folder(args.out, "--out")
-    grid_file = out_file(args.grid, "--grid", (".png", ".jpg", ".jpeg")) if args.grid else None
+    grid_file = check_outputs(args)
     run = load_run(args.run, weights=args.weights)
     if run.config.upscale.active:
         raise ConfigError(f"--run {args.run} is a super-resolution run (from {run.config.upscale.from_size} px): use "
