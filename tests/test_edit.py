@@ -227,3 +227,15 @@ def test_masks_and_inputs(tmp_path):
     Image.new("L", (16, 16), 0).save(tmp_path / "black.png")
     with pytest.raises(DataError, match="no white pixels"):
         load_mask(tmp_path / "black.png", 16)
+
+
+@pytest.mark.parametrize("name", [kind.value for kind in __import__("difflab.samplers", fromlist=["SamplerKind"]).SamplerKind])
+def test_every_sampler_edits_from_part_way(schedule, name):
+    """Every registered sampler runs SDEdit: it starts from the noised input (a closer start stays
+    closer to it) and gives the same edits whatever the batch."""
+    cfg = SamplerConfig.default_for(name, steps=6 if name != "ddpm" else 30)
+    near = edit(schedule, cfg, 0.1, n=64, seed=1)
+    far = edit(schedule, cfg, 0.7, n=64, seed=1)
+    assert torch.isfinite(far).all()
+    assert float((near - Y).abs().mean()) < float((far - Y).abs().mean())
+    assert torch.equal(far[:5], edit(schedule, cfg, 0.7, n=5, seed=1, batch_size=2))
