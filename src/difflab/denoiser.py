@@ -108,6 +108,13 @@ class Denoiser:
                         guidance=guidance, guidance_interval=interval)
 
     @property
+    def device(self) -> torch.device:
+        """Where the network's weights are (the CPU for a network without parameters)."""
+        params = getattr(self.model, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
     def prediction(self) -> Prediction:
         return self.objective.prediction
 

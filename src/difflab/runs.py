@@ -71,6 +71,11 @@ class LoadedRun:
                                  compile=compile, guidance=guidance, guidance_interval=guidance_interval)
 
     @property
+    def device(self) -> torch.device:
+        """Where the network's weights are (``load_run(device=...)``)."""
+        return next(self.model.parameters()).device
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         m = self.config.model
         return (m.in_channels, m.image_size, m.image_size)

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from difflab.errors import ConfigError
 
@@ -107,6 +107,21 @@ def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> Non
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the network (needs a C++ compiler; pays for large sample sets once compiled)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
+    add_device_option(p)
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    from difflab.devices import DEVICE_HELP
+
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + "; a seed gives the same noise on every device")
+
+
+def load_run_for(args: argparse.Namespace, run: str | None = None) -> Any:
+    """``--run`` (or ``run``) loaded with ``--weights`` on ``--device``."""
+    from difflab.devices import resolve_device
+    from difflab.runs import load_run
+
+    return load_run(run or args.run, weights=args.weights, device=resolve_device(args.device))
 
 
 # -- what to generate ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from difflab.cli.common import (
     add_sampler_options,
     check_outputs,
     choices,
+    load_run_for,
     positive_int,
     sampler_config,
 )
@@ -76,10 +77,9 @@ def _prepare(args: argparse.Namespace, what: str) -> tuple[Any, Any, list[Any], 
 
     from difflab.captions import condition_rows, requests
     from difflab.edit import load_inputs
-    from difflab.runs import load_run
 
     grid_file = check_outputs(args)
-    run = load_run(args.run, weights=args.weights)
+    run = load_run_for(args)
     channels, size = run.image_shape[0], run.image_shape[1]
     inputs = load_inputs(args.image, size, channels)
     for note in inputs.notes:
@@ -146,7 +146,7 @@ def run_edit(args: argparse.Namespace) -> int:
     init = rows.pop("images")
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
     results = sample_batches(denoiser, len(init), run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
-                             progress=not args.no_progress, init=init, strength=args.strength, **rows)
+                             device=run.device, progress=not args.no_progress, init=init, strength=args.strength, **rows)
     start_t = None if args.strength == 1.0 else float(grid.t[0])
     return _finish(args, run, inputs, reqs, out, grid_file, results, inputs.images, {
         "task": "sdedit", "strength": args.strength, "start_timestep": start_t,
@@ -176,7 +176,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     images = rows.pop("images")
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
     results = inpaint_batches(denoiser, images, masks.repeat_interleave(args.n, 0), len(images), cfg, jump=args.jump,
-                              resample=args.resample, seed=args.seed, batch_size=args.batch_size,
+                              resample=args.resample, seed=args.seed, batch_size=args.batch_size, device=run.device,
                               progress=not args.no_progress, **rows)
     shown = torch.where(masks, torch.zeros(()), inputs.images)  # regenerated region shown mid-grey
     return _finish(args, run, inputs, reqs, out, grid_file, results, shown, {
@@ -202,10 +202,9 @@ def run_upscale(args: argparse.Namespace) -> int:
     from difflab.config import to_dict
     from difflab.edit import load_inputs
     from difflab.edit.upscale import resize, upscale_batches
-    from difflab.runs import load_run
 
     grid_file = check_outputs(args)
-    run = load_run(args.run, weights=args.weights)
+    run = load_run_for(args)
     up = run.config.upscale
     if not up.active:
         raise ConfigError(f"--run {args.run} is not a super-resolution run (train one with --task upscale --from SIZE)")
@@ -218,7 +217,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     denoiser = run.denoiser(args.clip, args.precision)
     low = inputs.images.repeat_interleave(args.n, 0)
     results = upscale_batches(denoiser, low, up, size, cfg, seed=args.seed, batch_size=args.batch_size,
-                              progress=not args.no_progress)
+                              device=run.device, progress=not args.no_progress)
     return _finish(args, run, inputs, [], out, grid_file, results, resize(inputs.images, size), {
         "task": "upscale", "from_size": up.from_size, "size": size, "sampler": to_dict(cfg),
         "grid_kind": cfg.grid_kind.value,

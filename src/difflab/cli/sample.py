@@ -17,6 +17,7 @@ from difflab.cli.common import (
     add_sampler_options,
     check_outputs,
     choices,
+    load_run_for,
     nonneg_int,
     positive_int,
     sampler_config,
@@ -54,12 +55,11 @@ def run_sample(args: argparse.Namespace) -> int:
     from difflab.config import to_dict
     from difflab.edit.upscale import upscale_batches
     from difflab.records import conditions, write_record
-    from difflab.runs import load_run
     from difflab.samplers import make_grid, sample_batches
     from difflab.visualize.images import save_grid, save_numbered
 
     grid_file = check_outputs(args)
-    run = load_run(args.run, weights=args.weights)
+    run = load_run_for(args)
     if run.config.upscale.active:
         raise ConfigError(f"--run {args.run} is a super-resolution run (from {run.config.upscale.from_size} px): use "
                           "difflab upscale --run SR --images ..., or difflab sample --run BASE --upscale-run SR")
@@ -80,12 +80,12 @@ def run_sample(args: argparse.Namespace) -> int:
     denoiser = run.denoiser(args.clip, args.precision, args.compile, guidance=args.guidance,
                             guidance_interval=args.guidance_interval)
     for idx, imgs in sample_batches(denoiser, total, run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
-                                    start=args.start, progress=not args.no_progress, **cond):
+                                    start=args.start, device=run.device, progress=not args.no_progress, **cond):
         if stage is not None:  # the cascade's second stage, on this batch (image k keeps its index and seed)
             sr_run, sr_denoiser, sr_cfg = stage
             imgs = torch.cat([b for _, b in upscale_batches(
                 sr_denoiser, imgs, sr_run.config.upscale, sr_run.image_shape[1], sr_cfg, seed=args.seed, start=idx.start,
-                batch_size=args.batch_size, progress=False)])
+                batch_size=args.batch_size, device=sr_run.device, progress=False)])
         save_numbered(imgs, out, idx.start, args.format)
         # the grid: the first 64 images, or the first `per_row` images of each request, one row each
         kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if by_row else len(kept) < 64)]
@@ -110,9 +110,8 @@ def _upscale_stage(args: argparse.Namespace, run: Any) -> tuple[Any, Any, Any]:
     """The --upscale-run stage: (run, denoiser, sampler config), checked against the base run."""
     import dataclasses
 
-    from difflab.runs import load_run
 
-    sr = load_run(args.upscale_run, weights=args.weights)
+    sr = load_run_for(args, args.upscale_run)
     up = sr.config.upscale
     if not up.active:
         raise ConfigError(f"--upscale-run {args.upscale_run} is not a super-resolution run "

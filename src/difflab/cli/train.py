@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from difflab.cli.common import Command, nonneg_float, out_folder, positive_int
+from difflab.cli.common import Command, add_device_option, nonneg_float, out_folder, positive_int
 from difflab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="training seed")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. train.lr=1e-4 schedule.kind=cosine model.dropout=0")
@@ -103,7 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cfg.to_json(), end="")
         return 0
-    trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress, device=args.device)
     if args.resume:  # keep the changed training options with the run, so the next resume sees them
         atomic_write_bytes(Path(args.out) / CONFIG, cfg.to_json().encode())
     result = trainer.run()

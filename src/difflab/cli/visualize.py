@@ -10,6 +10,7 @@ from difflab.cli.common import (
     add_condition_options,
     add_run_options,
     add_sampler_options,
+    load_run_for,
     out_file,
     out_folder,
     positive_int,
@@ -21,11 +22,10 @@ TRAJECTORY_SAMPLER = "ddpm"  # progress and animate show the full reverse proces
 
 
 def _trajectory(args: argparse.Namespace, n: int, frames: int):
-    from difflab.runs import load_run
     from difflab.samplers import SamplerConfig
     from difflab.visualize.progress import record_trajectory
 
-    run = load_run(args.run, weights=args.weights)
+    run = load_run_for(args)
     cfg = sampler_config(args, SamplerConfig.default_for(TRAJECTORY_SAMPLER))
     traj = record_trajectory(run.denoiser(args.clip, args.precision), n, run.image_shape, cfg, frames=frames,
                              seed=args.seed, progress=not args.no_progress)
@@ -193,7 +193,6 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from difflab.captions import requests
     from difflab.io import atomic_write_bytes, atomic_write_json
-    from difflab.runs import load_run
     from difflab.visualize.compare import (
         comparison_figure,
         guidance_figure,
@@ -219,7 +218,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if args.real and not Path(args.real).expanduser().exists():
             raise DataError(f"--real {args.real} does not exist")
     out = out_folder(args.out, "--out") if args.out else None
-    run = load_run(args.run, weights=args.weights)
+    run = load_run_for(args)
     specs = parse_sampler_specs(args.samplers, run.schedule.num_timesteps)
     reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
     out = out or run.path / "compare"

@@ -120,10 +120,10 @@ def inpaint_batches(
     for lo in range(0, n, batch_size):
         idx = range(lo, min(lo + batch_size, n))
         rows = slice(lo, lo + len(idx))
-        gens = image_generators(seed, idx, device)
+        gens = image_generators(seed, idx)
         known = take({"x": images}, rows, n)["x"].to(device)
         regen = take({"m": mask}, rows, n)["m"].to(device)
-        x = _inpaint(denoiser, grid, path, known, regen, eta, gens, take(cond, rows, n))
+        x = _inpaint(denoiser, grid, path, known, regen, eta, gens, {k: v.to(device) for k, v in take(cond, rows, n).items()})
         yield idx, x
         bar.update(len(idx))
     bar.close()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from difflab.data.labels import LabelSchema
+from difflab.devices import resolve_device
 from difflab.errors import ConfigError, DataError, parse_choice
 from difflab.metrics.detect import (
     DetectorKind,
@@ -86,6 +87,7 @@ class EvalConfig:
     use_cache: bool = True
     progress: bool = True
     run: str | None = None  # for accuracy: the conditional run whose training data trains the judge
+    device: str = "auto"  # the Inception network's and the judge's (difflab.devices.resolve_device)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", _choices(Metric, self.metrics, "metric"))
@@ -154,7 +156,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
         assert cfg.run is not None
         t = time.perf_counter()
-        judge, hit = run_classifier(cfg.run, use_cache=cfg.use_cache, progress=cfg.progress)
+        judge, hit = run_classifier(cfg.run, use_cache=cfg.use_cache, progress=cfg.progress,
+                                    device=resolve_device(cfg.device))
         timings["classifier_s"] = time.perf_counter() - t
         result["classifier"] = {"held_out_accuracy": judge.val_accuracy, "cached": hit, "n_train": judge.n_train,
                                 "n_val": judge.n_val, "image_size": judge.config.image_size}
@@ -163,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         ref = extractor = None
         if cfg.needs_inception:
             t = time.perf_counter()
-            extractor = InceptionFeatures(cfg.fid_weights, batch_size=cfg.batch_size)
+            extractor = InceptionFeatures(cfg.fid_weights, batch_size=cfg.batch_size, device=resolve_device(cfg.device))
             timings["network_load_s"] = time.perf_counter() - t
             t = time.perf_counter()
             ref, how = _load_real(cfg, extractor)

@@ -65,6 +65,20 @@ INPUT_SIZE = 299
 
 
 @contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """FID features in true fp32 on CUDA: TF32 convolutions and matmuls (cuDNN's default for
+    convolutions on Ampere and later) move them by ~1e-3 relative; both flags restored after."""
+    matmul = torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(n)`` and restore the old value after."""
     if n is None:
@@ -326,7 +340,8 @@ class InceptionFeatures:
     """
 
     def __init__(self, weights: str | os.PathLike[str] | None = None, *, batch_size: int = 50,
-                 threads: int | None = None, download: bool = True, fused: bool = True) -> None:
+                 threads: int | None = None, download: bool = True, fused: bool = True,
+                 device: str | torch.device = "cpu") -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
         script, path = load_inception(weights, download=download)
@@ -335,11 +350,13 @@ class InceptionFeatures:
         self.batch_size = batch_size
         self.threads = threads
         self.script = script  # kept for the self-test against the archive's own forward
+        self.device = torch.device(device)
         self.net = to_memory_format(FIDInceptionV3(script))
         with torch_threads(threads):
-            self.fused = self.net.set_fused(fused)
+            self.fused = self.net.set_fused(fused and self.device.type == "cpu")  # the oneDNN path is the CPU's
+        self.net = self.net.to(self.device)
         self.backend = ("oneDNN conv+relu, prepacked weights" if self.fused else "torch conv2d + relu") + \
-            ", channels_last, fp32"
+            f", channels_last, fp32{'' if self.device.type == 'cpu' else ', ' + str(self.device) + ', no TF32'}"
 
     def protocol(self) -> dict[str, object]:
         return {
@@ -355,11 +372,11 @@ class InceptionFeatures:
         """``N x 3 x 299 x 299`` float pixels in [0, 255] -> ``N x 2048`` float32 features."""
         if x.ndim != 4 or x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
             raise ConfigError(f"expected N x 3 x {INPUT_SIZE} x {INPUT_SIZE} pixels, got {tuple(x.shape)}")
-        with torch_threads(self.threads):
+        with torch_threads(self.threads), no_tf32():
             out = []
             for i in range(0, x.shape[0], self.batch_size):
-                xb = (x[i:i + self.batch_size].float() - 128.0) / 128.0
-                out.append(self.net(xb.contiguous(memory_format=torch.channels_last)))
+                xb = (x[i:i + self.batch_size].to(self.device).float() - 128.0) / 128.0
+                out.append(self.net(xb.contiguous(memory_format=torch.channels_last)).float().cpu())
             return torch.cat(out) if out else torch.empty(0, FEATURE_DIM)
 
     def images(self, imgs: Sequence[Image.Image]) -> np.ndarray:

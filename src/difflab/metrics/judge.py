@@ -31,8 +31,8 @@ def _data_key(source: str, labels: str, image_size: int, channels: int) -> str:
     return h.hexdigest()
 
 
-def run_classifier(run_dir: str | os.PathLike[str], *, use_cache: bool = True,
-                   progress: bool = True) -> tuple[TrainedClassifier, bool]:
+def run_classifier(run_dir: str | os.PathLike[str], *, use_cache: bool = True, progress: bool = True,
+                   device: str | torch.device | None = None) -> tuple[TrainedClassifier, bool]:
     """The classifier for ``run_dir``'s labelled training data (trained once, then cached); returns it
     and whether it came from the cache."""
     from difflab.config import RunConfig
@@ -50,7 +50,7 @@ def run_classifier(run_dir: str | os.PathLike[str], *, use_cache: bool = True,
     config = ClassifierConfig(image_size=d.image_size, channels=channels)
     return classifier_for(data.images, data.labels.in_schema(schema), schema.attributes, schema.classes,
                           data_key=_data_key(d.source, d.labels, d.image_size, channels), config=config,
-                          use_cache=use_cache, progress=progress)
+                          use_cache=use_cache, progress=progress, device=device)
 
 
 def images_to_tensor(images: list) -> torch.Tensor:

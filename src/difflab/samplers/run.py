@@ -170,9 +170,9 @@ def sample_batches(
     bar = tqdm(total=n, desc=f"sampling {cfg.sampler.value}", unit="img", disable=not progress)
     for lo in range(start, start + n, batch_size):
         idx = range(lo, min(lo + batch_size, start + n))
-        gens = image_generators(seed, idx, device, stream)
+        gens = image_generators(seed, idx, stream)
         x = randn((len(idx), *shape), gens, device=device)
-        rows = take(cond, slice(lo - start, lo - start + len(idx)), n)
+        rows = {k: v.to(device) for k, v in take(cond, slice(lo - start, lo - start + len(idx)), n).items()}
         if init is not None and strength < 1.0:
             x0 = take({"init": init}, slice(lo - start, lo - start + len(idx)), n)["init"].to(device, x.dtype)
             if strength == 0.0:

@@ -34,6 +34,7 @@ from difflab.config import LRDecay, RunConfig
 from difflab.data.augment import augment
 from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
+from difflab.devices import resolve_device
 from difflab.edit.upscale import resize, training_pair, upscale_batches
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
@@ -128,9 +129,11 @@ class Trainer:
             )
         self.micro_batch = tc.batch_size // per_step
         self._check_run_dir(resume)  # before minutes of decoding data
-        if device is None:
-            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":  # one GPU per rank: cuda means this rank's own
+            if self.device.index is None:
+                self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
         if self.dist.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 

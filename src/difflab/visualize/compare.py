@@ -120,6 +120,7 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
                disable=not progress, leave=False)
     try:
         it = sample_batches(denoiser, n, shape, spec.config, seed=seed, batch_size=batch_size, progress=False,
+                            device=denoiser.device,
                             callback=lambda _: bar.update(1), **(cond or {}))
         while True:
             t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def warm_up(denoiser, shape: Sequence[int], batch: int) -> None:
     one-off setup (oneDNN primitive creation, allocator growth) that the others then reuse."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        denoiser(randn((batch, *shape), g), float(denoiser.schedule.num_timesteps - 1))
+        denoiser(randn((batch, *shape), g, device=denoiser.device), float(denoiser.schedule.num_timesteps - 1))
 
 
 def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed: int = 0, batch_size: int = 64,

@@ -82,7 +82,7 @@ def record_trajectory(
 
     idx = range(start, start + n)
     gens = image_generators(seed, idx)
-    x = randn((n, *shape), gens)
+    x = randn((n, *shape), gens, device=denoiser.device)
     out = run_sampler(denoiser, x, grid, cfg, generator=gens, callback=callback).float()
     bar.close()
     xs[N], x0s[N] = out, out
