@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo): DDP keeps the ranks' weights identical and rank 0 saves."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,3 +57,50 @@ def test_torchrun_two_processes(tmp_path):
         assert torch.equal(emas[0][name], emas[1][name]), name
         assert torch.equal(ranks[0][name], value) and bool(value.isfinite().all())
     assert any(not torch.equal(start[k], saved[k]) for k in saved)  # training moved the weights
+
+
+# Two ranks with a time budget and rank 1 slower than rank 0: their own clocks would stop them at
+# different steps (and leave one waiting in an all-reduce forever); the agreed stop ends both at one step.
+TIMED_SCRIPT = """
+import os, sys, time, json
+from pathlib import Path
+from difflab.config import resolve_config
+from difflab.train import Trainer
+
+data, out = sys.argv[1], Path(sys.argv[2])
+cfg = resolve_config(preset="tiny", flags={"data.source": data, "data.image_size": 16, "train.batch_size": 8,
+                                           "train.max_steps": 100000, "train.minutes": 0.1},
+                     overrides=["train.sample_every=0", "train.precision=fp32", "train.checkpoint_every=100000",
+                                "train.log_every=5"])
+trainer = Trainer(cfg, out / "run", progress=False)
+rank = int(os.environ["RANK"])
+step = trainer._train_step
+def slow_step(sums):
+    if rank == 1:
+        time.sleep(0.05)
+    return step(sums)
+trainer._train_step = slow_step
+result = trainer.run()
+(out / f"result{rank}.json").write_text(json.dumps(result))
+"""
+
+
+def test_time_limited_ranks_stop_together(tmp_path):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(32):
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(data / f"{k}.png")
+    script = tmp_path / "timed.py"
+    script.write_text(TIMED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           str(script), str(data), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["step"] == results[1]["step"] > 0 and {r["stopped_by"] for r in results} == {"minutes"}
+    state = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert state["step"] == results[0]["step"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log and all(math.isfinite(r["loss"]) for r in log)

@@ -193,3 +193,55 @@ def test_compile_without_a_compiler_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="train.compile=true needs a C\\+\\+ compiler"):
         Trainer(tiny_cfg("train.compile=true"), tmp_path / "run", data=synthetic(), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_gradient_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    """A NaN loss at step 4 (checkpoints every 3, logs every 2): nothing of the broken state is saved;
+    the step-3 checkpoint stays the latest, with finite weights, and the error is one line."""
+    from difflab.train.loop import TrainingDiverged
+
+    trainer = Trainer(tiny_cfg(), tmp_path / "run", data=synthetic(), progress=False)
+    loss = trainer.objective.loss
+
+    def poisoned(x0, t, noise, **cond):
+        out = loss(x0, t, noise, **cond)
+        return out * float("nan") if trainer.step == 3 else out  # the 4th step
+
+    trainer.objective.loss = poisoned
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.run()
+    assert "diverged at step 4" in str(err.value) and "\n" not in str(err.value)
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 3
+    assert all(bool(v.isfinite().all()) for v in ckpt_mod.load_tensors(tmp_path / "run" / "model.safetensors").values())
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == [2]
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_exactly(tmp_path):
+    """fp16 autocast on the CPU (as on a T4/V100): the loss is scaled, overflowing steps are skipped
+    and counted (a huge initial scale makes the first steps overflow), the scaler's state is in the
+    checkpoint, and a resumed run is bit-identical to an uninterrupted one."""
+    cfg, data = tiny_cfg("train.precision=fp16"), synthetic()
+
+    def run(path, stop_at=None, resume=False):
+        t = Trainer(cfg, path, data=data, progress=False, resume=resume)
+        assert t.scaler is not None and t.autocast is torch.float16
+        if not resume:
+            t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=3)
+        t.run(stop_at=stop_at)
+        return t
+
+    straight = run(tmp_path / "straight")
+    assert straight.skipped_steps >= 1
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_steps"] == straight.skipped_steps and log[-1]["grad_scale"] < 2.0**40
+    assert all(math.isfinite(r["loss"]) for r in log)
+    run(tmp_path / "split", stop_at=5)
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-0000005" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] < 2.0**40 and "skipped_steps" in state
+    resumed = run(tmp_path / "split", resume=True)
+    assert resumed.skipped_steps == straight.skipped_steps
+    a, b = states(tmp_path / "straight"), states(tmp_path / "split")
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)

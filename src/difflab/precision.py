@@ -6,8 +6,10 @@ call only; the sampler's own arithmetic stays fp32/fp64).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from enum import Enum
 from typing import TypeVar
 
@@ -17,9 +19,10 @@ from difflab.errors import ConfigError
 
 
 class Precision(str, Enum):
-    AUTO = "auto"  # bf16 where the CPU has native bf16 (AMX / AVX512-BF16) or on CUDA, else fp32
+    AUTO = "auto"  # bf16 where the CPU has native bf16 (AMX / AVX512-BF16) or the GPU does; fp16 on older GPUs; else fp32
     FP32 = "fp32"
     BF16 = "bf16"  # bf16 autocast, fp32 master weights and optimizer state
+    FP16 = "fp16"  # fp16 autocast; training adds a gradient scaler (torch.amp.GradScaler)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -41,9 +44,28 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
         return None
     if precision is Precision.BF16:
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if precision is Precision.FP16:
+        return torch.float16
+    if device.type == "cuda":  # T4 / V100 / P100 have no bf16: fp16 with a gradient scaler
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+@contextlib.contextmanager
+def fast_matmul(device: torch.device) -> Iterator[None]:
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and later; ignored before), restored
+    after; nothing changes on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=True):
+            yield
+    finally:
+        matmul.allow_tf32 = old
 
 
 def require_compiler(device: torch.device, flag: str) -> None:

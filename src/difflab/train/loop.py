@@ -36,10 +36,10 @@ from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
 from difflab.devices import resolve_device
 from difflab.edit.upscale import resize, training_pair, upscale_batches
-from difflab.errors import CheckpointError, ConfigError
+from difflab.errors import CheckpointError, ConfigError, DifflabError
 from difflab.io import atomic_write_bytes
 from difflab.models.unet import UNet
-from difflab.precision import autocast_dtype, require_compiler, to_memory_format
+from difflab.precision import autocast_dtype, fast_matmul, require_compiler, to_memory_format
 from difflab.samplers import SamplerConfig, SamplerKind, sample
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import (
@@ -55,6 +55,14 @@ from difflab.train.conditions import TrainingConditions
 from difflab.train.ema import EMA
 from difflab.train.tensorboard import TensorBoardLog, require_tensorboard
 from difflab.visualize.images import make_grid, save_grid
+
+NONFINITE = "non-finite gradient"
+STOP_REASONS = {1: "minutes", 3: NONFINITE}
+
+
+class TrainingDiverged(DifflabError):
+    """The gradient norm became inf or NaN: training stopped without saving the broken state."""
+
 
 PREVIEW_SAMPLER = SamplerConfig(sampler=SamplerKind.DDIM, steps=25, eta=1.0)  # stochastic: kinder to young models
 
@@ -157,6 +165,9 @@ class Trainer:
             self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
         )
         self.autocast = autocast_dtype(tc.precision, self.device)
+        # fp16 overflows where bf16 does not: scale the loss, skip steps whose gradients overflowed
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
+        self.skipped_steps = 0
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -243,14 +254,23 @@ class Trainer:
             sync = contextlib.nullcontext() if self.ddp is None or micro == tc.grad_accum - 1 else self.ddp.no_sync()
             with sync:
                 per_example = self.objective.loss(x0, t, noise, **cond)
-            (per_example.mean() / tc.grad_accum).backward()
+            loss = per_example.mean() / tc.grad_accum
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             with torch.no_grad():  # loss sums per timestep quartile, read only at log time (no sync per step)
                 q = (t * 4 / T).floor().long().clamp(0, 3).to(self.device)
                 sums[0].index_add_(0, q, per_example.detach().float())
                 sums[1].index_add_(0, q, torch.ones_like(per_example, dtype=torch.float32))
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the step if any gradient overflowed, then adapts the scale (a host read per step)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.images_seen += tc.batch_size
@@ -274,11 +294,16 @@ class Trainer:
                    bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]" if timed else None)
         if tc.tensorboard and self.dist.is_main:
             self.tb = TensorBoardLog(self.run_dir, self.step)
-        with torch.random.fork_rng(devices=[]), stop_requests() as stop:
+        with torch.random.fork_rng(devices=[]), stop_requests() as stop, fast_matmul(self.device):
             torch.set_rng_state(self.global_rng)
             self.model.train()
             while self.step < end:
                 grad_norm = self._train_step(sums)
+                agreed = self._agree_stop(stop["signal"], bool(tc.minutes) and time.monotonic() - start_time >= tc.minutes * 60,
+                                          grad_norm, self.step >= end)
+                if agreed == NONFINITE:  # nothing of this state is logged, previewed or saved
+                    reason = agreed
+                    break
                 if timed:
                     bar.update(min(time.monotonic() - start_time, tc.minutes * 60) - bar.n)
                 else:
@@ -294,12 +319,16 @@ class Trainer:
                     self.save_samples()
                 if self.step % tc.checkpoint_every == 0 and self.step < end:
                     self.save()
-                if stop["signal"]:
-                    reason = stop["signal"]
+                if agreed is not None:
+                    reason = agreed
                     break
-                if tc.minutes and time.monotonic() - start_time >= tc.minutes * 60:
-                    reason = "minutes"
-                    break
+            if reason == NONFINITE:
+                bar.close()
+                if self.tb is not None:
+                    self.tb.close()
+                    self.tb = None
+                raise TrainingDiverged(f"training diverged at step {self.step}: the gradient norm is not finite; the last "
+                                       f"checkpoint in {self.run_dir} is intact (lower train.lr, or keep train.grad_clip > 0)")
             self.global_rng = torch.get_rng_state()
             self.elapsed += time.monotonic() - start_time
             self.save()
@@ -312,7 +341,36 @@ class Trainer:
         return {"step": self.step, "stopped_by": reason, "steps_this_run": self.step - start_step,
                 "seconds": time.monotonic() - start_time, "run_dir": str(self.run_dir)}
 
+    def _agree_stop(self, signal_name: str | None, out_of_time: bool, grad_norm: torch.Tensor, last: bool) -> str | None:
+        """Why to stop after this step, the same answer on every rank, or None: one collective per step
+        (the most severe of the ranks' reasons wins), so no rank leaves the others waiting in an
+        all-reduce. A single process checks the gradient norm's finiteness only at log and checkpoint
+        steps (a host sync per step would cost on a GPU). Under fp16's gradient scaler an overflow is a
+        skipped step, not a divergence."""
+        if self.scaler is not None:
+            grad_norm = torch.zeros((), device=self.device)
+        local = 0
+        if out_of_time:
+            local = 1
+        if signal_name:
+            local = 2
+        if self.dist.world_size == 1:
+            tc = self.cfg.train
+            check = self.step % tc.log_every == 0 or self.step % tc.checkpoint_every == 0 or local or last
+            if check and not bool(torch.isfinite(grad_norm)):  # before anything is logged or saved
+                return NONFINITE
+            return None if local == 0 else STOP_REASONS[local] if local == 1 else signal_name
+        code = torch.where(torch.isfinite(grad_norm).to(self.device), torch.tensor(float(local), device=self.device),
+                           torch.tensor(3.0, device=self.device)).reshape(1)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        agreed = int(code.item())
+        if agreed == 2:
+            return signal_name or "signal (another rank)"
+        return None if agreed == 0 else STOP_REASONS[agreed]
+
     def _log(self, sums: torch.Tensor, grad_norm: torch.Tensor, images_per_s: float) -> dict[str, Any]:
+        if self.dist.world_size > 1:  # the whole job's loss, not rank 0's alone (at log steps only)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         s = sums.cpu()
         total = float(s[0].sum() / s[1].sum().clamp(min=1))
         record = {
@@ -321,6 +379,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
             "images_per_s": images_per_s, "time": time.time(),
         }
+        if self.scaler is not None:
+            record["grad_scale"], record["skipped_steps"] = self.scaler.get_scale(), self.skipped_steps
         if self.dist.is_main:
             with open(self.run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -356,6 +416,16 @@ class Trainer:
             self.tb.grid(make_grid(to_uint8(imgs.cpu())), self.step)
 
     def save(self) -> None:
+        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it at a barrier."""
+        if self.dist.world_size > 1:
+            try:
+                self._save_main()
+            finally:
+                dist.barrier()
+        else:
+            self._save_main()
+
+    def _save_main(self) -> None:
         if not self.dist.is_main:
             return
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
@@ -366,6 +436,8 @@ class Trainer:
             "step": self.step, "images_seen": self.images_seen, "epoch": self.epoch, "pos": self.pos,
             "elapsed_seconds": self.elapsed, "optimizer": optim_meta, "world_size": self.dist.world_size,
         }
+        if self.scaler is not None:
+            state["grad_scaler"], state["skipped_steps"] = self.scaler.state_dict(), self.skipped_steps
         save_checkpoint(
             self.run_dir, self.step,
             {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "train_state": train_state},
@@ -390,4 +462,7 @@ class Trainer:
         self.global_rng = ts["rng.global"]
         self.step, self.images_seen = st["step"], st["images_seen"]
         self.epoch, self.pos, self.elapsed = st["epoch"], st["pos"], st["elapsed_seconds"]
+        if self.scaler is not None and "grad_scaler" in st:
+            self.scaler.load_state_dict(st["grad_scaler"])
+            self.skipped_steps = st.get("skipped_steps", 0)
 
