@@ -104,3 +104,49 @@ def test_time_limited_ranks_stop_together(tmp_path):
     assert state["step"] == results[0]["step"]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(r["loss"]) for r in log)
+
+
+RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+from difflab.config import resolve_config
+from difflab.train import Trainer
+
+data, out, steps, resume = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "resume"
+cfg = resolve_config(preset="tiny", flags={"data.source": data, "data.image_size": 16, "train.batch_size": 8,
+                                           "train.max_steps": steps},
+                     overrides=["train.sample_every=0", "train.precision=fp32", "train.checkpoint_every=2"])
+Trainer(cfg, out / "run", progress=False, resume=resume).run()
+"""
+
+
+def test_resume_under_another_world_size(tmp_path):
+    """2 ranks for 4 steps, then 1 process to step 6, then 2 ranks to step 8: the same global batch
+    goes on through the same epoch order, with a warning that the random streams are fresh."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(32):
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(data / f"{k}.png")
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(nproc, steps, mode):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29519",
+               str(script), str(data), str(tmp_path), str(steps), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr
+
+    launch(2, 4, "new")
+    err = launch(1, 6, "resume")
+    assert "trained with 2 process(es), now 1" in err
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000006" / "state.json").read_text())
+    assert state["world_size"] == 1 and state["images_seen"] == 48 and state["pos"] == 16  # 2 x 8 (ranks) + 2 x 8
+    err = launch(2, 8, "resume")
+    assert "trained with 1 process(es), now 2" in err
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000008" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["images_seen"] == 64 and state["epoch"] == 2 and state["pos"] == 0
+    weights = ckpt_mod.load_tensors(tmp_path / "run" / "model.safetensors")
+    assert all(bool(v.isfinite().all()) for v in weights.values())

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
 from difflab.devices import resolve_device
 from difflab.edit.upscale import resize, training_pair, upscale_batches
-from difflab.errors import CheckpointError, ConfigError, DifflabError
+from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning
 from difflab.io import atomic_write_bytes
 from difflab.models.unet import UNet
 from difflab.precision import autocast_dtype, fast_matmul, require_compiler, to_memory_format
@@ -416,22 +417,27 @@ class Trainer:
             self.tb.grid(make_grid(to_uint8(imgs.cpu())), self.step)
 
     def save(self) -> None:
-        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it at a barrier."""
-        if self.dist.world_size > 1:
-            try:
-                self._save_main()
-            finally:
-                dist.barrier()
-        else:
-            self._save_main()
+        """Rank 0 writes the checkpoint (atomically), with every rank's random streams; the other
+        ranks wait for it at a barrier."""
+        mine = (self.gen.get_state(), self.global_rng)
+        if self.dist.world_size == 1:
+            self._save_main([mine])
+            return
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, mine)
+        try:
+            self._save_main(gathered)
+        finally:
+            dist.barrier()
 
-    def _save_main(self) -> None:
+    def _save_main(self, rng_states: list[Any]) -> None:
         if not self.dist.is_main:
             return
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         train_state = {f"optim.{k}": v for k, v in optim_tensors.items()}
-        train_state["rng.train"] = self.gen.get_state()
-        train_state["rng.global"] = self.global_rng
+        for r, (gen, glob) in enumerate(rng_states):  # every rank's streams, so a resume continues each
+            train_state[f"rng.train.{r}"] = gen
+            train_state[f"rng.global.{r}"] = glob
         state = {
             "step": self.step, "images_seen": self.images_seen, "epoch": self.epoch, "pos": self.pos,
             "elapsed_seconds": self.elapsed, "optimizer": optim_meta, "world_size": self.dist.world_size,
@@ -449,19 +455,29 @@ class Trainer:
         if ckpt is None:
             raise CheckpointError(f"--resume: run {self.run_dir} has no checkpoint yet")
         st = ckpt.state
-        if st.get("world_size", 1) != self.dist.world_size:
-            raise CheckpointError(
-                f"--resume: run {self.run_dir} was trained with {st.get('world_size')} processes, not "
-                f"{self.dist.world_size}; the data order would change"
-            )
+        saved_world = st.get("world_size", 1)
         load_weights(self.model, ckpt.tensors("model"), ckpt.path / "model.safetensors", self.run_dir / CONFIG)
         load_weights(self.ema.model, ckpt.tensors("ema"), ckpt.path / "ema.safetensors", self.run_dir / CONFIG)
         ts = ckpt.tensors("train_state")
         optimizer_from_tensors(self.optimizer, {k[6:]: v for k, v in ts.items() if k.startswith("optim.")}, st["optimizer"])
-        self.gen.set_state(ts["rng.train"])
-        self.global_rng = ts["rng.global"]
         self.step, self.images_seen = st["step"], st["images_seen"]
-        self.epoch, self.pos, self.elapsed = st["epoch"], st["pos"], st["elapsed_seconds"]
+        self.epoch, self.elapsed = st["epoch"], st["elapsed_seconds"]
+        r = self.dist.rank
+        if saved_world == self.dist.world_size:  # each rank continues its own streams: bit-identical
+            suffix = f".{r}" if f"rng.train.{r}" in ts else ""  # no suffix: a checkpoint from before per-rank streams
+            self.gen.set_state(ts[f"rng.train{suffix}"])
+            self.global_rng = ts[f"rng.global{suffix}"]
+            self.pos = st["pos"]
+        else:  # another world size, same global batch: the epoch's permutation continues where the job was
+            consumed = st["pos"] * saved_world  # images of this epoch the whole job had used (rank-strided slices)
+            self.pos = -(-consumed // self.dist.world_size)
+            seed = self.cfg.train.seed
+            self.gen = torch.Generator().manual_seed(seed + 1_000_003 * r + 7 * self.step)
+            self.global_rng = torch.Generator().manual_seed(seed + 7919 * (r + 1) + 7 * self.step).get_state()
+            if self.dist.is_main:
+                warnings.warn(f"--resume: run {self.run_dir} was trained with {saved_world} process(es), now "
+                              f"{self.dist.world_size}: same global batch and data order, fresh per-rank random streams "
+                              "(not bit-identical to an uninterrupted run)", DifflabWarning, stacklevel=2)
         if self.scaler is not None and "grad_scaler" in st:
             self.scaler.load_state_dict(st["grad_scaler"])
             self.skipped_steps = st.get("skipped_steps", 0)
