@@ -374,3 +374,37 @@ def test_invalid_configs_raise_clear_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         UNetConfig(**overrides)
     assert "\n" not in str(info.value)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """train.grad_checkpoint recomputes each level in the backward pass: same loss, same gradients
+    (dropout included: the recomputation replays the random state), and only while training."""
+    from difflab.models.unet import UNet, UNetConfig
+
+    cfg = UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                     head_channels=16, norm_groups=8, dropout=0.3)
+    torch.manual_seed(0)
+    a = UNet(cfg).train()
+    for p in a.conv_out.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # so every layer gets a gradient
+    b = UNet(cfg).train()
+    b.load_state_dict(a.state_dict())
+    b.grad_checkpoint = True
+    x, t = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([5.0, 50.0, 500.0])
+    grads, calls = [], []
+    for net in (a, b):
+        seen, level = [], net.down[0]
+        forward = level.forward
+        level.forward = lambda *args, _f=forward, _seen=seen: _seen.append(1) or _f(*args)
+        torch.manual_seed(7)
+        loss = net(x, t).pow(2).mean()
+        loss.backward()
+        del level.forward
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        calls.append(len(seen))
+    assert calls == [1, 2]  # checkpointed: the level runs again in the backward pass
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b(x, t), a.eval()(x, t))

@@ -94,9 +94,14 @@ class TrainConfig:
     # classifier-free guidance needs an unconditional model too: each example loses its condition with
     # this probability (and each label attribute on its own, difflab.conditioning.drop)
     cond_dropout: float = 0.1
+    # recompute each UNet level's activations in the backward pass instead of keeping them: less memory
+    # for big presets on a GPU, about a third more compute; the same gradients
+    grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_decay", parse_choice(LRDecay, self.lr_decay, "train.lr_decay"))
+        if not isinstance(self.grad_checkpoint, bool):
+            raise ConfigError(f"train.grad_checkpoint must be true or false, got {self.grad_checkpoint!r}")
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "train.precision"))
         positive = ["batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_steps"]
         for name in positive:

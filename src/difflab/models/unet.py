@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from difflab.errors import ConfigError, DifflabError, parse_choice
@@ -303,6 +304,16 @@ class UNet(nn.Module):
         self.norm_out = norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, c.in_channels, 3, padding=1))
 
+    #: recompute each level in the backward pass (``train.grad_checkpoint``); used only while training
+    grad_checkpoint: bool = False
+
+    def _run(self, stage: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: Any) -> torch.Tensor:
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            out: torch.Tensor = torch.utils.checkpoint.checkpoint(stage, h, emb, context, use_reentrant=False)
+            return out
+        result: torch.Tensor = stage(h, emb, context)
+        return result
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (all, or only those with ``requires_grad``)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -350,11 +361,11 @@ class UNet(nn.Module):
             h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb, context)
+            h = self._run(stage, h, emb, context)
             skips.append(h)
-        h = self.middle(h, emb, context)
+        h = self._run(self.middle, h, emb, context)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb, context)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return out.to(x.dtype)
 

@@ -159,6 +159,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
             torch.manual_seed(tc.seed)
             self.model = UNet(cfg.model).to(self.device)
+        self.model.grad_checkpoint = tc.grad_checkpoint
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         self.model = to_memory_format(self.model, self.memory_format)
         self.ema = EMA(self.model, tc.ema_halflife_images, tc.ema_rampup)
