@@ -27,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +162,11 @@ def main() -> None:
         variants["difflab_fp16"] = make_difflab("fp16", args.batch, device, work)
         if not args.no_compile and bf16:
             variants["difflab_bf16_compile"] = make_difflab("bf16", args.batch, device, work, compile=True)
-        variants["diffusers_fp32"] = make_diffusers(None, args.batch, device)
-        variants["diffusers_amp"] = make_diffusers(amp, args.batch, device)
+        try:
+            variants["diffusers_fp32"] = make_diffusers(None, args.batch, device)
+            variants["diffusers_amp"] = make_diffusers(amp, args.batch, device)
+        except ImportError:
+            print("diffusers is not installed (pip install -e '.[bench]'): difflab variants only", flush=True)
         variants = {k: synced(v, device) for k, v in variants.items()}
         memory = {k: peak_memory_mib(v, device) for k, v in variants.items()}
         times = interleave(variants, args.rounds, args.per_round, warmup=2)
@@ -176,9 +179,9 @@ def main() -> None:
     samples = sampling_rate(device, 16 if args.quick else 256, 5 if args.quick else 20)
     fid = fid_feature_rate(device, 8 if args.quick else 1000)
     print(f"\nsampling (DDIM 20 steps, difflab bf16/auto): {samples:.1f} images/s; FID features: {fid:.1f} images/s")
-    print(f"gpu={name.replace(' ', '_')} train_ratio_vs_diffusers_fp32={med['diffusers_fp32'] / best:.2f} "
-          f"train_ratio_vs_diffusers_amp={med['diffusers_amp'] / best:.2f} sample_images_per_s={samples:.1f} "
-          f"fid_images_per_s={fid:.1f}")
+    ratio = {k: f"{med[k] / best:.2f}" if k in med else "-" for k in ("diffusers_fp32", "diffusers_amp")}
+    print(f"gpu={name.replace(' ', '_')} train_ratio_vs_diffusers_fp32={ratio['diffusers_fp32']} "
+          f"train_ratio_vs_diffusers_amp={ratio['diffusers_amp']} sample_images_per_s={samples:.1f} fid_images_per_s={fid:.1f}")
 
 
 if __name__ == "__main__":
