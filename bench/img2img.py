@@ -13,8 +13,9 @@ Stages (each kept when the command runs again):
    bicubic upsampling of the same PNGs: PSNR and SSIM against HR, FID/KID against the HR set.
 4. the cascade (`difflab sample --run base32 --upscale-run sr64`), base32 + bicubic, and single64:
    n images each, FID/KID/LBP detection against the same HR set (1000 real faces never trained on).
-5. figures: SDEdit strengths 0.2 ... 0.8 on held-out faces and on crude colour-blob drawings; inpainting
-   with replacement only (resample 1) and with RePaint's resampling (jump 5, resample 5).
+5. figures (the base32 run, 32 px): SDEdit strengths 0.2 ... 0.8 on held-out faces and on crude
+   colour-blob drawings; inpainting with replacement only (resample 1) and with RePaint's resampling
+   (jump 5, resample 5).
 Samplers: DDIM 25 steps eta 1 for the base and single-stage runs; the SR stage with its run's table
 at 25 steps (DDIM, eta 0).
 
@@ -83,7 +84,7 @@ def figures(args, out: Path, held: Path, names: list[str]) -> None:
     from difflab.samplers import SamplerConfig, sample_batches
     from difflab.visualize.images import save_grid
 
-    run = load_run(out / "single64")
+    run = load_run(out / "base32")  # the stage that makes faces at these budgets (single64 does not yet)
     den = run.denoiser()
     size = run.image_shape[1]
     faces = to_float(load_folder(held, size, progress=False).images[:3])
@@ -109,7 +110,7 @@ def figures(args, out: Path, held: Path, names: list[str]) -> None:
     grid = torch.stack(cols, 1).flatten(0, 1)
     for target in (ROOT / "bench" / "results" / "sdedit.png", ROOT / "docs" / "sdedit.png"):
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(grid, target, nrow=len(cols), scale=2)
+        save_grid(grid, target, nrow=len(cols), scale=3)
     rows = []
     masks = [make_mask(k, size, torch.Generator().manual_seed(3)) for k in ("center", "left", "random-boxes")]
     ddpm = SamplerConfig(sampler="ddpm", steps=50)
@@ -122,7 +123,7 @@ def figures(args, out: Path, held: Path, names: list[str]) -> None:
         rows.append(torch.stack(row))
     grid = torch.cat(rows)
     for target in (ROOT / "bench" / "results" / "inpaint.png", ROOT / "docs" / "inpaint.png"):
-        save_grid(grid, target, nrow=4, scale=2)
+        save_grid(grid, target, nrow=4, scale=3)
     print("figures: bench/results/sdedit.png (rows: 3 held-out faces, 2 drawings; columns: input, strength 0.2 ... 0.8), "
           "bench/results/inpaint.png (columns: original, masked, replacement only, RePaint jump 5 resample 5)")
 
