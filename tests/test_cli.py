@@ -103,9 +103,11 @@ def test_sampling_precision_bf16_is_close_to_fp32_and_fp32_is_the_plain_network(
     assert torch.allclose(fp32, plain, atol=1e-6)  # channels_last alone does not change the numbers
     rel = (bf16 - fp32).norm() / fp32.norm()
     assert 0 < rel < 0.03  # bf16 has an 8-bit mantissa: ~0.4% per op, a few ops deep
+    fp16 = run.denoiser("none", "fp16").predict(x, 500.0).eps  # fp16 autocast: a 10-bit mantissa, closer than bf16
+    assert 0 < (fp16 - fp32).norm() / fp32.norm() < rel
     from difflab.errors import ConfigError
     with pytest.raises(ConfigError, match="--precision"):
-        run.denoiser("none", "fp16")
+        run.denoiser("none", "fp8")
 
 
 def test_sample_ddpm_and_jpg_default(tmp_path, trained_run):
