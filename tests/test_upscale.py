@@ -69,6 +69,7 @@ def test_a_network_that_predicts_nothing_leaves_the_bicubic_upsampling():
 def test_upscale_config_is_checked_and_round_trips():
     cfg = resolve_config(preset="tiny", flags={"data.source": "x", "data.image_size": 16, "upscale.from_size": 8})
     assert cfg.model.cond_channels == 3 and cfg.upscale.from_size == 8 and cfg.upscale.residual
+    assert cfg.sampler.eta == 1.0  # super-resolution samples stochastically by default
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert resolve_config(preset="tiny", flags={"data.source": "x", "data.image_size": 16}).model.cond_channels == 0
     with pytest.raises(ConfigError, match="--from 16 must be smaller than --image-size 16"):

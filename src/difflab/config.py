@@ -397,9 +397,13 @@ def resolve_config(
             raw["model"]["in_channels"] = raw["data"]["channels"]
         elif raw["data"]["source"] == "fashion-mnist":
             raw["model"]["in_channels"] = 1
+    up = raw.get("upscale") or {}
     if "model.cond_channels" not in explicit:  # a super-resolution run sees the upsampled image beside x
-        up = raw.get("upscale") or {}
         raw["model"]["cond_channels"] = raw["model"]["in_channels"] if up.get("from_size") else 0
+    if up.get("from_size") and "sampler.eta" not in explicit and raw["sampler"].get("sampler", "ddim") == "ddim":
+        # measured (BENCHMARKS.md, image-to-image): deterministic DDIM leaves a young residual model's
+        # errors in as colour noise (FID 269 against bicubic's 71); the stochastic form corrects them
+        raw["sampler"]["eta"] = 1.0
     return from_dict(RunConfig, raw)
 
 
