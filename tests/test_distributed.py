@@ -31,12 +31,18 @@ save_file({k: v.contiguous() for k, v in trainer.ema.model.state_dict().items()}
 """
 
 
-def test_torchrun_two_processes(tmp_path):
+def image_folder(tmp_path):
+    """32 random 16 px RGB images."""
     data = tmp_path / "imgs"
     data.mkdir()
     g = torch.Generator().manual_seed(0)
     for k in range(32):
         Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(data / f"{k}.png")
+    return data
+
+
+def test_torchrun_two_processes(tmp_path):
+    data = image_folder(tmp_path)
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -86,11 +92,7 @@ result = trainer.run()
 
 
 def test_time_limited_ranks_stop_together(tmp_path):
-    data = tmp_path / "imgs"
-    data.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for k in range(32):
-        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(data / f"{k}.png")
+    data = image_folder(tmp_path)
     script = tmp_path / "timed.py"
     script.write_text(TIMED_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -123,11 +125,7 @@ Trainer(cfg, out / "run", progress=False, resume=resume).run()
 def test_resume_under_another_world_size(tmp_path):
     """2 ranks for 4 steps, then 1 process to step 6, then 2 ranks to step 8: the same global batch
     goes on through the same epoch order, with a warning that the random streams are fresh."""
-    data = tmp_path / "imgs"
-    data.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for k in range(32):
-        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(data / f"{k}.png")
+    data = image_folder(tmp_path)
     script = tmp_path / "resume.py"
     script.write_text(RESUME_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

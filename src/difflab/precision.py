@@ -52,20 +52,22 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
 
 
 @contextlib.contextmanager
-def fast_matmul(device: torch.device) -> Iterator[None]:
-    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and later; ignored before), restored
-    after; nothing changes on other devices."""
-    if device.type != "cuda":
-        yield
-        return
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for fp32 matmuls and cuDNN convolutions on CUDA switched on or off inside the block (both
+    flags restored after); no effect off CUDA."""
     matmul = torch.backends.cuda.matmul
     old = matmul.allow_tf32
-    matmul.allow_tf32 = True
+    matmul.allow_tf32 = enabled
     try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=True):
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=enabled):
             yield
     finally:
         matmul.allow_tf32 = old
+
+
+def fast_matmul(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """TF32 on for training on CUDA (Ampere and later; ignored before); nothing elsewhere."""
+    return tf32(True) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def require_compiler(device: torch.device, flag: str) -> None:

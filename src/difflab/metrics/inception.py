@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from difflab.errors import ConfigError
 from difflab.metrics.weights import WEIGHTS, WeightsError, _check_file, resolve_weights
-from difflab.precision import to_memory_format
+from difflab.precision import tf32, to_memory_format
 
 __all__ = [
     "FEATURE_DIM",
@@ -62,20 +62,6 @@ INPUT_SIZE = 299
 
 # --------------------------------------------------------------------------------------------
 # the network
-
-
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    """FID features in true fp32 on CUDA: TF32 convolutions and matmuls (cuDNN's default for
-    convolutions on Ampere and later) move them by ~1e-3 relative; both flags restored after."""
-    matmul = torch.backends.cuda.matmul
-    old = matmul.allow_tf32
-    matmul.allow_tf32 = False
-    try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-            yield
-    finally:
-        matmul.allow_tf32 = old
 
 
 @contextlib.contextmanager
@@ -372,7 +358,7 @@ class InceptionFeatures:
         """``N x 3 x 299 x 299`` float pixels in [0, 255] -> ``N x 2048`` float32 features."""
         if x.ndim != 4 or x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
             raise ConfigError(f"expected N x 3 x {INPUT_SIZE} x {INPUT_SIZE} pixels, got {tuple(x.shape)}")
-        with torch_threads(self.threads), no_tf32():
+        with torch_threads(self.threads), tf32(False):  # true fp32 features on CUDA (TF32 moves them ~1e-3)
             out = []
             for i in range(0, x.shape[0], self.batch_size):
                 xb = (x[i:i + self.batch_size].to(self.device).float() - 128.0) / 128.0
