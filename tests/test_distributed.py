@@ -41,15 +41,20 @@ def image_folder(tmp_path):
     return data
 
 
+def torchrun(tmp_path, text, nproc, port, *args):
+    """Run the script ``text`` under torchrun (CPU, gloo, one thread per rank); its stderr."""
+    script = tmp_path / f"script{port}.py"
+    script.write_text(text)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
 def test_torchrun_two_processes(tmp_path):
     data = image_folder(tmp_path)
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(script), str(data), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    torchrun(tmp_path, RANK_SCRIPT, 2, 29517, data, tmp_path)
     out = tmp_path / "run"
     state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4 and state["images_seen"] == 32
@@ -93,13 +98,7 @@ result = trainer.run()
 
 def test_time_limited_ranks_stop_together(tmp_path):
     data = image_folder(tmp_path)
-    script = tmp_path / "timed.py"
-    script.write_text(TIMED_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-           str(script), str(data), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    torchrun(tmp_path, TIMED_SCRIPT, 2, 29518, data, tmp_path)
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["step"] == results[1]["step"] > 0 and {r["stopped_by"] for r in results} == {"minutes"}
     state = json.loads((tmp_path / "run" / "latest.json").read_text())
@@ -126,16 +125,8 @@ def test_resume_under_another_world_size(tmp_path):
     """2 ranks for 4 steps, then 1 process to step 6, then 2 ranks to step 8: the same global batch
     goes on through the same epoch order, with a warning that the random streams are fresh."""
     data = image_folder(tmp_path)
-    script = tmp_path / "resume.py"
-    script.write_text(RESUME_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
     def launch(nproc, steps, mode):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29519",
-               str(script), str(data), str(tmp_path), str(steps), mode]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stderr
+        return torchrun(tmp_path, RESUME_SCRIPT, nproc, 29519, data, tmp_path, steps, mode)
 
     launch(2, 4, "new")
     err = launch(1, 6, "resume")
