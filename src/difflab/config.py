@@ -27,6 +27,7 @@ from difflab.models.presets import unet_config
 from difflab.models.unet import UNetConfig
 from difflab.parametrization import LossConfig
 from difflab.precision import Precision
+from difflab.recipes import recipe as get_recipe
 from difflab.samplers import SamplerConfig
 from difflab.schedule import ScheduleConfig
 
@@ -165,6 +166,7 @@ class RunConfig:
     cond: CondConfig = field(default_factory=CondConfig)
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     preset: str = "small"
+    recipe: str = ""  # the --recipe it was made with (difflab.recipes), "" = none; a record only
 
     def __post_init__(self) -> None:
         if self.model.image_size != self.data.image_size:
@@ -353,21 +355,28 @@ def preset_names() -> list[str]:
 def resolve_config(
     *,
     preset: str | None = None,
+    recipe: str | None = None,
     toml: Mapping[str, Any] | None = None,
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
 ) -> RunConfig:
-    """Defaults < preset < TOML file < flags < overrides. The network's image size and channels follow
-    the data section (whichever of those set it) unless ``model.image_size`` / ``model.in_channels``
-    are given themselves."""
+    """Defaults < preset < recipe < TOML file < flags < overrides. A recipe (:mod:`difflab.recipes`)
+    brings its own preset, which ``preset`` (or the TOML's) replaces. The network's image size and
+    channels follow the data section (whichever of those set it) unless ``model.image_size`` /
+    ``model.in_channels`` are given themselves."""
     base = RunConfig()
     raw = to_dict(base)
-    name = preset or (toml or {}).get("preset") or base.preset
+    rec = get_recipe(recipe) if recipe else None
+    name = preset or (toml or {}).get("preset") or (rec.preset if rec else base.preset)
     if name not in MODEL_PRESETS:
         raise ConfigError(f"unknown --preset {name!r}; choose one of {', '.join(preset_names())}")
     raw["model"] = to_dict(MODEL_PRESETS[name])
     raw["train"].update(PRESET_TRAINING.get(name, {}))
     raw["preset"] = name
+    explicit = set()
+    if rec is not None:
+        raw["recipe"] = rec.name
+        _set_overrides(raw, rec.overrides)
     for section, values in (toml or {}).items():
         if section == "preset":
             continue
@@ -379,14 +388,7 @@ def resolve_config(
         if value is not None:
             sec, name_ = key.split(".", 1)
             raw[sec][name_] = value
-    explicit = set()
-    for key, value in _items(overrides):
-        path = key.split(".")
-        node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = to_dict(_parse(_leaf_type(RunConfig, path, key), value, key))
-        explicit.add(key)
+    explicit |= _set_overrides(raw, overrides)
     # The network is built for the data: image size and channels come from the data section unless
     # model.* says otherwise (then RunConfig's consistency check reports a clash).
     if "model.image_size" not in explicit:
@@ -405,6 +407,20 @@ def resolve_config(
         # errors in as colour noise (FID 269 against bicubic's 71); the stochastic form corrects them
         raw["sampler"]["eta"] = 1.0
     return from_dict(RunConfig, raw)
+
+
+def _set_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any]) -> set[str]:
+    """Write ``key=value`` settings into the raw config dict, each parsed and checked for its field's
+    type; returns the keys set."""
+    keys = set()
+    for key, value in _items(overrides):
+        path = key.split(".")
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = to_dict(_parse(_leaf_type(RunConfig, path, key), value, key))
+        keys.add(key)
+    return keys
 
 
 def _check_image_size(size: Any, model: dict, preset: str) -> None:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.config import preset_names
+    from difflab.recipes import RECIPES
 
     p.add_argument("--data", help="a folder of images (searched recursively) or 'fashion-mnist'")
     p.add_argument("--image-size", type=positive_int, help="training resolution in pixels (default 32)")
@@ -31,7 +32,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="--task upscale: the low resolution it upscales from, e.g. 32 (training pairs are made on the fly)")
     p.add_argument("--out", help="run directory to create (or continue, with --resume)")
     p.add_argument("--config", help="a TOML file with [model], [schedule], [loss], [data], [train], [sampler] tables")
-    p.add_argument("--preset", choices=preset_names(), help="network size preset (default: small)")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="a complete training recipe (network, objective, optimiser, EMA, augmentation, default "
+                        "sampler); other options still override it: "
+                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+    p.add_argument("--preset", choices=preset_names(), help="network size preset (default: small, or the recipe's)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     p.add_argument("--minutes", type=nonneg_float, help="stop after this many minutes of training (0 = no limit)")
     p.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
@@ -91,15 +96,16 @@ def run_train(args: argparse.Namespace) -> int:
         changes = {k: v for k, v in _train_flags(args).items() if v is not None and k.startswith("train.")}
         others = [k for k, v in _train_flags(args).items() if v is not None and not k.startswith("train.")]
         bad = others + [o for o in args.overrides if not o.startswith("train.")]
-        if bad or args.config or args.preset:
+        if bad or args.config or args.preset or args.recipe:
             raise ConfigError("--resume continues the saved config; only training options may change, "
-                              f"not {bad or '--config/--preset'}")
+                              f"not {bad or '--config/--preset/--recipe'}")
         cfg = apply_overrides(apply_overrides(cfg, changes), args.overrides)
     else:
         if not args.data:
             raise ConfigError("train: --data PATH|fashion-mnist is required")
         toml = load_toml(args.config) if args.config else None
-        cfg = resolve_config(preset=args.preset, toml=toml, flags=_train_flags(args), overrides=args.overrides)
+        cfg = resolve_config(preset=args.preset, recipe=args.recipe, toml=toml, flags=_train_flags(args),
+                             overrides=args.overrides)
         cfg = _conditioned(cfg)
     if args.dry_run:
         print(cfg.to_json(), end="")
