@@ -3,11 +3,11 @@
 detection rates against one reference.
 
 Data split (the same for every rung): the last 1000 ids of ``../shared/data/anime-faces`` (23017 ...
-24016: the numbering has gaps) are kept out; the rungs train on the other 23,000. Reference statistics: 5000 of those 23,000 (a fixed draw,
-``random.Random(0)``) at their own 96 px, so the kept-out faces give the real-vs-real floor of the
-same table. (The issue asks for the 23,000 themselves; their Inception features take ~30 CPU-minutes
-here, 5000 take ~6 and estimate the same mean and covariance; the floor row is measured against the
-same 5000.)
+24016: the numbering has gaps) are kept out; the rungs train on the other 23,000. Reference
+statistics: 5000 of those 23,000 (a fixed draw, ``random.Random(0)``) at their own 96 px, so the
+kept-out faces give the real-vs-real floor of the same table. (The issue asks for the 23,000
+themselves; their Inception features take ~30 CPU-minutes here, 5000 take ~6 and estimate the same
+mean and covariance; the floor row is measured against the same 5000.)
 
 Each rung is ``name`` (a recipe) or ``label=recipe+key=value+key=value`` (a recipe with overrides, for
 objective candidates). Stages are kept when the command runs again: a run that reached its minutes, a
@@ -112,6 +112,16 @@ def score(run: Path, faces: Path, real: Path, label: str) -> dict:
     return json.loads(out.read_text())
 
 
+def figures(run: Path, results: Path, name: str) -> None:
+    """The run's loss curves (``difflab curves``) and its first 64 faces, copied to ``results``."""
+    if not (run / "curves.png").exists() and (run / "log.jsonl").exists():
+        difflab_cli("curves", "--run", str(run), "--out", str(run / "curves.png"))
+    results.mkdir(parents=True, exist_ok=True)
+    for src, suffix in ((run / "grid.png", "grid"), (run / "curves.png", "curves")):
+        if src.exists():
+            shutil.copyfile(src, results / f"{name}-{suffix}.png")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA))
@@ -119,6 +129,8 @@ def main() -> None:
     p.add_argument("--minutes", default="20", help="comma list of budgets, ascending (each resumes the last)")
     p.add_argument("-n", type=int, default=1000, help="faces per rung")
     p.add_argument("--out", default="runs/ladder")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "ladder"),
+                   help="where the grids and loss curves are copied (default bench/results/ladder)")
     p.add_argument("--stage", choices=["all", "train"], default="all",
                    help="train: only the timed training (then run again with all to sample and score, which may "
                         "share the machine)")
@@ -138,10 +150,11 @@ def main() -> None:
             if args.stage == "train":
                 continue
             res = score(run, sample(run, args.n), real, label)
+            figures(run, Path(args.results), f"{label}-{budget:g}")
             cfg = json.loads((run / "config.json").read_text())
             sampled = json.loads((run / "ladder-sampled.json").read_text())
             s = cfg["sampler"]
-            name = f"{s['sampler']}-{sampled.get('nfe_per_image', s['steps'])}" + (f"-eta{s['eta']:g}" if s["sampler"] == "ddim" else "")
+            name = f"{s['sampler']}-{sampled['nfe_per_image']}" + (f"-eta{s['eta']:g}" if s["sampler"] == "ddim" else "")
             steps = json.loads((run / "ladder-trained.json").read_text()).get("step", "?")
             rows.append((label, f"{budget:g}", str(steps), name, res))
             best[budget] = min(best.get(budget, float("inf")), res["fid"])

@@ -53,3 +53,30 @@ def test_fid_features_agree_on_cpu_and_gpu():
     cpu = InceptionFeatures(device="cpu").forward_pixels(x)
     gpu = InceptionFeatures(device="cuda").forward_pixels(x)
     assert float((gpu - cpu).abs().max() / cpu.abs().max()) < 1e-4  # TF32 would give ~1e-3
+
+
+def test_training_steps_and_sampling_steps_do_not_sync_with_the_host(tmp_path):
+    """torch's sync debug mode raises on every operation that makes the host wait for the GPU: a
+    training step between log and checkpoint steps, and a stochastic sampler's steps, must have none."""
+    from difflab.config import resolve_config
+    from difflab.runs import load_run
+    from difflab.samplers import SamplerConfig, sample
+    from difflab.train import Trainer
+
+    run_dir = _tiny_run(tmp_path, "--device", "cuda", "train.precision=bf16")
+    cfg = resolve_config(preset="tiny", flags={"data.source": str(tmp_path / "imgs"), "data.image_size": 16,
+                                               "train.batch_size": 8},
+                         overrides=["train.sample_every=0", "train.log_every=1000", "train.checkpoint_every=1000"])
+    trainer = Trainer(cfg, tmp_path / "nosync", progress=False, device="cuda")
+    sums = torch.zeros(2, 4, device="cuda")
+    trainer._train_step(sums)  # the first step allocates and warms up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer._train_step(sums)
+        run = load_run(run_dir, device="cuda")
+        sample(run.denoiser(), 4, run.image_shape, SamplerConfig(sampler="ddim", steps=5, eta=1.0), seed=0,
+               device="cuda", progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -835,3 +835,19 @@ def test_augment_channels_last():
     b = augment(xc, cfg, torch.Generator().manual_seed(5))
     assert torch.allclose(a, b, atol=1e-6)
     assert b.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cached_folder_is_memory_mapped_copy_on_write(tmp_path):
+    """A cache hit maps the decoded array instead of reading it (every DDP rank on a node shares the
+    page cache); writing into the tensor never reaches the file."""
+    for i in range(3):
+        noise_rgb((12, 12), seed=i).save(tmp_path / f"{i}.png")
+    first = load_folder(tmp_path, 8, progress=False)
+    again = load_folder(tmp_path, 8, progress=False)
+    assert torch.equal(first.images, again.images)
+    npy = next(p for p in (Path(os.environ["DIFFLAB_CACHE"]) / "datasets").glob("*.npy")
+               if str(tmp_path.resolve()) in p.with_suffix(".json").read_text())
+    if Path("/proc/self/maps").exists():
+        assert str(npy.resolve()) in Path("/proc/self/maps").read_text()
+    again.images[0] = 0
+    assert torch.equal(load_folder(tmp_path, 8, progress=False).images, first.images)

@@ -72,3 +72,12 @@ def test_commands_refuse_a_missing_device_in_one_line(tmp_path, capsys, monkeypa
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device" in err, err
+
+
+def test_to_device_converts_on_the_host_and_leaves_cpu_tensors_alone():
+    from difflab.devices import to_device
+
+    x = torch.arange(4, dtype=torch.float64) / 3
+    y = to_device(x, torch.device("cpu"), torch.float32)
+    assert y.dtype == torch.float32 and torch.equal(y, x.float())
+    assert to_device(x, torch.device("cpu")) is x  # nothing to copy

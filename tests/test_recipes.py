@@ -82,3 +82,15 @@ def test_train_with_a_recipe_then_sample_uses_its_sampler(tmp_path, capsys):
     # a resumed run keeps its recipe; naming another is refused in one line
     assert main(["train", "--out", str(run), "--resume", "--recipe", "best", "--no-progress"]) == 2
     assert "--recipe" in capsys.readouterr().err
+
+
+def test_plain_train_uses_the_best_recipe_and_a_preset_or_config_opts_out(tmp_path, capsys):
+    def dry(*extra):
+        assert main(["train", "--data", "fashion-mnist", "--out", str(tmp_path / "r"), "--dry-run", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain = dry()
+    assert plain["recipe"] == "best" and plain["model"]["num_res_blocks"] == 1
+    preset = dry("--preset", "small")
+    assert preset["recipe"] == "" and preset["model"]["num_res_blocks"] == 2
+    assert preset["sampler"]["eta"] == 1.0  # every run samples stochastically by default

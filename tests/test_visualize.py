@@ -143,7 +143,7 @@ def test_progress_grid_rows_columns_and_final_images(tmp_path, capsys, tiny_run)
     assert arr["t"][0] == T - 1 and arr["t"][-1] == -1  # x_T at t = T - 1 ... the sample
     assert np.array_equal(arr["x"][-1], arr["x0"][-1])
     # the last column is what `difflab sample` writes for the same seeds
-    assert main(["sample", "--run", str(tiny_run), "-n", "3", "--sampler", "ddim", "--steps", "8", "--format", "png",
+    assert main(["sample", "--run", str(tiny_run), "-n", "3", "--sampler", "ddim", "--steps", "8", "--eta", "0", "--format", "png",
                  "--clip", "clip", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     for k in range(3):
         ref = np.asarray(_load(tmp_path / "s" / f"{k + 1}.png")).astype(int)
@@ -256,7 +256,7 @@ def test_compare_table_json_plots_and_ddim_faster(tmp_path, capsys, tiny_run):
     for name in rows:
         assert sorted(p.name for p in (out / name).iterdir()) == ["1.png", "2.png"]
     # same seeds: eta = 0 DDIM is deterministic given x_T, so its images equal `difflab sample`'s
-    assert main(["sample", "--run", str(tiny_run), "-n", "2", "--sampler", "ddim", "--steps", "4", "--format", "png",
+    assert main(["sample", "--run", str(tiny_run), "-n", "2", "--sampler", "ddim", "--steps", "4", "--eta", "0", "--format", "png",
                  "--clip", "clip", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     a = np.asarray(_load(out / "ddim-4" / "2.png")).astype(int)
     assert np.abs(a - np.asarray(_load(tmp_path / "s" / "2.png")).astype(int)).max() <= 1

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from difflab.conditioning import concat, is_null, null_condition
+from difflab.devices import to_device
 from difflab.errors import ConfigError, parse_choice
 from difflab.losses import Weighting, per_example_loss
 from difflab.parametrization import LossConfig, NoiseLevel, Prediction, eps_from_x0, make_parametrization
@@ -127,7 +128,8 @@ class Denoiser:
     def _network(self, x_t: Tensor, lv: NoiseLevel, **cond: Any) -> Tensor:
         x_in, t_in = self.param.network_input(x_t, lv)
         with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            out = self.model(x_in.contiguous(memory_format=self.memory_format), t_in.float().to(x_t.device), **cond)
+            t_net = to_device(t_in, x_t.device, torch.float32)
+            out = self.model(x_in.contiguous(memory_format=self.memory_format), t_net, **cond)
         return out.float()
 
     # -- sampling -------------------------------------------------------------------------

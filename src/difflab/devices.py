@@ -43,3 +43,18 @@ def resolve_device(spec: str | torch.device | None = "auto", flag: str = "--devi
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
         raise ConfigError(f"{flag} {text}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0 ...)")
     return torch.device(text)
+
+
+def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` (a CPU tensor) on ``device`` in ``dtype``, without making the host wait for a GPU.
+
+    A copy from ordinary (pageable) CPU memory to CUDA returns only once it has run, after every
+    kernel queued before it: a host sync. From pinned memory it is queued like a kernel
+    (``non_blocking``); torch's caching host allocator keeps the pinned block until the copy is
+    done. The dtype is converted on the CPU first (float64 tables never travel). Elsewhere this is
+    ``x.to(device, dtype)``."""
+    if dtype is not None:
+        x = x.to(dtype=dtype)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

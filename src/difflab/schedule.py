@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from difflab.devices import to_device
 from difflab.errors import ConfigError, parse_choice
 
 F64 = torch.float64
@@ -123,7 +124,7 @@ def _gather(table: Tensor, t: Tensor | int | float, like: Tensor) -> Tensor:
     t = torch.as_tensor(t, device=table.device)
     out = table[t.long()]
     out = out.reshape(out.shape + (1,) * (like.ndim - out.ndim)) if out.ndim else out
-    return out.to(device=like.device, dtype=like.dtype)
+    return to_device(out, like.device, like.dtype)
 
 
 def broadcast_to(v: Tensor, like: Tensor) -> Tensor:
@@ -131,7 +132,7 @@ def broadcast_to(v: Tensor, like: Tensor) -> Tensor:
     v = torch.as_tensor(v)
     if v.ndim:
         v = v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
-    return v.to(device=like.device, dtype=like.dtype)
+    return to_device(v, like.device, like.dtype)
 
 
 Num = float | Tensor  # the posterior formula serves Python floats and float64 tables alike

@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     _common(p, "edits")
-    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, unless the run was trained with one)")
+    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, eta 1, unless its recipe or config names another)")
     p.add_argument("--strength", type=_strength, default=0.5,
                    help="how far to noise the input: 0 returns it, 1 ignores it (plain sampling); default 0.5. The "
                         "sampler runs its --steps from timestep round(strength (T - 1)) down")

@@ -30,7 +30,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     from difflab.visualize.images import ImageFormat
 
     add_run_options(p, compile=True)
-    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, unless the run was trained with one)")
+    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, eta 1, unless its recipe or config names another)")
     add_condition_options(p)
     p.add_argument("-n", type=positive_int, default=16, help="number of images (of each class/label/prompt; default 16)")
     p.add_argument("--start", type=nonneg_int, default=0,

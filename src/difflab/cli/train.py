@@ -34,7 +34,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a TOML file with [model], [schedule], [loss], [data], [train], [sampler] tables")
     p.add_argument("--recipe", choices=list(RECIPES),
                    help="a complete training recipe (network, objective, optimiser, EMA, augmentation, default "
-                        "sampler); other options still override it: "
+                        "sampler); default best unless --preset or --config is given; other options still override "
+                        "it: "
                         + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
     p.add_argument("--preset", choices=preset_names(), help="network size preset (default: small, or the recipe's)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
@@ -62,6 +63,14 @@ def _train_flags(args: argparse.Namespace) -> dict:
         "train.max_steps": args.max_steps, "train.minutes": args.minutes, "train.batch_size": args.batch_size,
         "train.lr": args.lr, "train.seed": args.seed,
     }
+
+
+def _recipe(args: argparse.Namespace) -> str | None:
+    """--recipe, or ``best`` when nothing else chooses the network and recipe (no --preset, --config,
+    nor --task upscale): measured better than the plain ``small`` preset (BENCHMARKS.md, the ladder)."""
+    if args.recipe or args.preset or args.config or getattr(args, "task", None) == "upscale":
+        return args.recipe
+    return "best"
 
 
 def _conditioned(cfg: RunConfig) -> RunConfig:
@@ -104,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         if not args.data:
             raise ConfigError("train: --data PATH|fashion-mnist is required")
         toml = load_toml(args.config) if args.config else None
-        cfg = resolve_config(preset=args.preset, recipe=args.recipe, toml=toml, flags=_train_flags(args),
+        cfg = resolve_config(preset=args.preset, recipe=_recipe(args), toml=toml, flags=_train_flags(args),
                              overrides=args.overrides)
         cfg = _conditioned(cfg)
     if args.dry_run:

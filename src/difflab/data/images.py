@@ -188,14 +188,28 @@ def _read_cache(npy: Path, meta: Path, key: str, image_size: int, channels: int)
             return None
         paths = tuple(str(p) for p in info["paths"])
         skipped = tuple((str(p), str(r)) for p, r in info["skipped"])
-        arr = np.load(npy, allow_pickle=False)
+        arr = _map_npy(npy)
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         warnings.warn(f"image cache {npy} is damaged; decoding the folder again", DifflabWarning, stacklevel=3)
         return None
     if arr.dtype != np.uint8 or arr.shape != (len(paths), channels, image_size, image_size):
         warnings.warn(f"image cache {npy} does not match its index; decoding the folder again", DifflabWarning, stacklevel=3)
         return None
-    return FolderImages(torch.from_numpy(np.ascontiguousarray(arr)), paths, skipped)
+    return FolderImages(torch.from_numpy(arr), paths, skipped)
+
+
+def _map_npy(npy: Path) -> np.ndarray:
+    """The cached array, memory-mapped copy-on-write: every process that trains on the folder (each
+    DDP rank on a node) reads the same page-cache pages, and only the batches it indexes are copied,
+    so a data set larger than RAM trains without one. The cache file is only ever replaced by an
+    atomic rename, never written in place, so a live mapping keeps the file it opened. An empty
+    array cannot be mapped and is read instead."""
+    try:
+        return np.load(npy, mmap_mode="c", allow_pickle=False)
+    except ValueError:
+        if npy.stat().st_size > 4096:  # not the empty-array case: a damaged file
+            raise
+        return np.load(npy, allow_pickle=False)
 
 
 def _write_cache(npy: Path, meta: Path, key: str, root: Path, result: FolderImages, image_size: int, channels: int) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difflab.devices import to_device
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -38,10 +40,12 @@ def randn(shape: Sequence[int], generator: Generators, *, dtype=torch.float32, d
     if generator is None:
         return torch.randn(tuple(shape), dtype=dtype, device=device)
     if isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device).to(device)
+        return to_device(torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device),
+                         torch.device(device))
     if len(generator) != shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]).to(device)
+    noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator])
+    return to_device(noise, torch.device(device))
 
 
 def randn_like(x: Tensor, generator: Generators) -> Tensor:

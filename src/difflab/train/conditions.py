@@ -4,11 +4,13 @@ training randomness is what it was before conditioning existed."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from difflab.conditioning import Cond, CondConfig, drop
 from difflab.data.labels import Labels
+from difflab.devices import to_device
 from difflab.errors import ConfigError
 
 
@@ -53,12 +55,17 @@ class TrainingConditions:
 
     def _to_cond(self, labels: torch.Tensor, template: torch.Tensor) -> Cond:
         if self.bank is None:
-            return {"labels": labels.to(self.device)}
-        return {k: v.to(self.device) for k, v in self.bank.lookup(labels, template).items()}
+            return {"labels": to_device(labels, self.device)}
+        return {k: to_device(v, self.device) for k, v in self.bank.lookup(labels, template).items()}
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> Cond:
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator]) -> Cond:
+        """The conditions of the training images ``indices``; ``generator`` may be one per image (each
+        image's dropout, template and text noise then come from its own)."""
         if self.labels is None:
             return {}
+        if not isinstance(generator, torch.Generator):
+            rows = [self.batch(indices[i:i + 1], g) for i, g in enumerate(generator)]
+            return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
         labels = drop({"labels": self.labels[indices]}, self.p, generator)["labels"]
         template = torch.zeros(len(indices), dtype=torch.long)
         if self.bank is None:
@@ -67,7 +74,7 @@ class TrainingConditions:
         cond = self.bank.lookup(labels, template)
         if self.noise:
             cond = add_text_noise(cond, self.noise, generator)
-        return {k: v.to(self.device) for k, v in cond.items()}
+        return {k: to_device(v, self.device) for k, v in cond.items()}
 
     def preview(self, n: int) -> Cond:
         if self.labels is None:

@@ -7,10 +7,14 @@ number of images per optimizer step; each rank processes batch_size / (world_siz
 time, from its own stride of a shared per-epoch permutation, so hyper-parameters mean the same on
 one CPU and on many GPUs. Only rank 0 writes files.
 
-Reproducibility: all training randomness (batch order, timesteps, noise, augmentation) comes from
-one ``torch.Generator``; the global torch RNG (used by dropout) is forked for the duration of
-training and seeded from the config. Both states, the data position, optimizer and EMA are in every
-checkpoint, so a resumed run is bit-identical to an uninterrupted one on the same machine.
+Reproducibility: the batch order is a per-epoch permutation seeded by the config; every other random
+choice about an example (augmentation, timestep, noise, condition dropout) comes from that example's
+own generator, seeded by the run's seed and the example's place in the job's stream of examples, so
+it does not depend on the world size or the micro-batch the example lands in (N ranks with global
+batch B train like one process with batch B, up to floating-point reduction order). The global
+torch RNG (used by dropout) is forked for the duration of training and seeded from the config; its
+per-rank states, the data position, optimizer and EMA are in every checkpoint, so a resumed run is
+bit-identical to an uninterrupted one on the same machine.
 """
 from __future__ import annotations
 
@@ -35,13 +39,14 @@ from difflab.config import LRDecay, RunConfig
 from difflab.data.augment import augment
 from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
-from difflab.devices import resolve_device
+from difflab.devices import resolve_device, to_device
 from difflab.edit.upscale import resize, training_pair, upscale_batches
 from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning
 from difflab.io import atomic_write_bytes
 from difflab.models.unet import UNet
 from difflab.precision import autocast_dtype, fast_matmul, require_compiler, to_memory_format
-from difflab.samplers import SamplerConfig, SamplerKind, sample
+from difflab.samplers import SamplerConfig, SamplerKind, image_generators, sample
+from difflab.samplers.noise import randn
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import (
     CONFIG,
@@ -58,6 +63,8 @@ from difflab.train.tensorboard import TensorBoardLog, require_tensorboard
 from difflab.visualize.images import make_grid, save_grid
 
 NONFINITE = "non-finite gradient"
+# the per-example training streams (difflab.samplers.noise.image_seed): 0 is sampling's, 1 a cascade's SR stage
+TRAIN_STREAM = 2
 STOP_REASONS = {1: "minutes", 3: NONFINITE}
 
 
@@ -182,8 +189,8 @@ class Trainer:
         # the training objective around it: noise levels, target, weighting (see difflab.parametrization)
         self.objective = Denoiser(self.forward_net, self.schedule, cfg.loss, autocast=self.autocast,
                                   channels_last=tc.channels_last)
-        # timesteps, noise and augmentation differ per rank; the data permutation is shared
-        self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
+        # timesteps, noise and augmentation come from per-example generators (_batch); torch's global
+        # stream (dropout) is per rank
         self.global_rng = torch.Generator().manual_seed(tc.seed + 7919 * (self.dist.rank + 1)).get_state()
         self.step, self.images_seen, self.epoch, self.pos, self.elapsed = 0, 0, 0, 0, 0.0
         self.tb: TensorBoardLog | None = None
@@ -224,22 +231,35 @@ class Trainer:
         perm = torch.randperm(len(self.data.images), generator=g)
         return perm[self.dist.rank :: self.dist.world_size]
 
-    def _next_indices(self, n: int) -> torch.Tensor:
-        out = []
+    def _next_indices(self, n: int) -> tuple[torch.Tensor, list[int]]:
+        """The next ``n`` images of this rank: (data indices, example keys). An example's key is its
+        place in the whole job's stream of examples (epoch, position in the epoch's permutation),
+        the same whichever rank, world size or micro-batch it lands in."""
+        out, keys = [], []
+        W, r, N = self.dist.world_size, self.dist.rank, len(self.data.images)
         while n > 0:
             perm = self._permutation(self.epoch)
             take = perm[self.pos : self.pos + n]
             out.append(take)
+            keys += [self.epoch * N + r + W * j for j in range(self.pos, self.pos + len(take))]
             n -= len(take)
             self.pos += len(take)
             if self.pos >= len(perm):
                 self.epoch, self.pos = self.epoch + 1, 0
-        return torch.cat(out)
+        return torch.cat(out), keys
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._next_indices(self.micro_batch)
-        x = augment(to_float(self.data.images[idx]), self.cfg.data.augment, self.gen)
-        return x.to(self.device).contiguous(memory_format=self.memory_format), idx
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
+        """(images on the device, their data indices, one generator per image). Every random choice
+        about an example (augmentation, timestep, noise, condition dropout) comes from its own
+        generator, seeded by the run's seed and the example's key: so the examples of a step get the
+        same draws under any world size, and N ranks train like one process with the same global
+        batch (dropout's masks aside, which come from each rank's global stream)."""
+        idx, keys = self._next_indices(self.micro_batch)
+        gens = image_generators(self.cfg.train.seed, keys, stream=TRAIN_STREAM)
+        x, aug = to_float(self.data.images[idx]), self.cfg.data.augment
+        if not aug.is_identity:
+            x = torch.cat([augment(x[i:i + 1], aug, g) for i, g in enumerate(gens)])
+        return to_device(x, self.device).contiguous(memory_format=self.memory_format), idx, gens
 
     # -- one optimizer step ------------------------------------------------------------
     def _train_step(self, sums: torch.Tensor) -> torch.Tensor:
@@ -247,19 +267,20 @@ class Trainer:
         for lr_group in self.optimizer.param_groups:
             lr_group["lr"] = lr_at(self.step, tc)
         for micro in range(tc.grad_accum):
-            x0, idx = self._batch()
-            t = self.objective.sample_t(len(x0), self.gen)
-            noise = torch.randn(x0.shape, generator=self.gen).to(self.device).contiguous(memory_format=self.memory_format)
-            cond = self.conditions.batch(idx, self.gen)
+            x0, idx, gens = self._batch()
+            t = torch.cat([self.objective.sample_t(1, g) for g in gens])
+            noise = randn(x0.shape, gens, device=self.device).contiguous(memory_format=self.memory_format)
+            cond = self.conditions.batch(idx, gens)
             if self.cfg.upscale.active:  # a super-resolution run: the low-resolution version is the condition
-                x0, cond["lowres"] = training_pair(x0, self.cfg.upscale, self.gen)
+                pairs = [training_pair(x0[i:i + 1], self.cfg.upscale, g) for i, g in enumerate(gens)]
+                x0, cond["lowres"] = (torch.cat(part).contiguous(memory_format=self.memory_format) for part in zip(*pairs))
             sync = contextlib.nullcontext() if self.ddp is None or micro == tc.grad_accum - 1 else self.ddp.no_sync()
             with sync:
                 per_example = self.objective.loss(x0, t, noise, **cond)
             loss = per_example.mean() / tc.grad_accum
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             with torch.no_grad():  # loss sums per timestep quartile, read only at log time (no sync per step)
-                q = (t * 4 / T).floor().long().clamp(0, 3).to(self.device)
+                q = to_device((t * 4 / T).floor().long().clamp(0, 3), self.device)
                 sums[0].index_add_(0, q, per_example.detach().float())
                 sums[1].index_add_(0, q, torch.ones_like(per_example, dtype=torch.float32))
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -420,7 +441,7 @@ class Trainer:
     def save(self) -> None:
         """Rank 0 writes the checkpoint (atomically), with every rank's random streams; the other
         ranks wait for it at a barrier."""
-        mine = (self.gen.get_state(), self.global_rng)
+        mine = self.global_rng
         if self.dist.world_size == 1:
             self._save_main([mine])
             return
@@ -436,8 +457,7 @@ class Trainer:
             return
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         train_state = {f"optim.{k}": v for k, v in optim_tensors.items()}
-        for r, (gen, glob) in enumerate(rng_states):  # every rank's streams, so a resume continues each
-            train_state[f"rng.train.{r}"] = gen
+        for r, glob in enumerate(rng_states):  # every rank's stream, so a resume continues each
             train_state[f"rng.global.{r}"] = glob
         state = {
             "step": self.step, "images_seen": self.images_seen, "epoch": self.epoch, "pos": self.pos,
@@ -464,21 +484,20 @@ class Trainer:
         self.step, self.images_seen = st["step"], st["images_seen"]
         self.epoch, self.elapsed = st["epoch"], st["elapsed_seconds"]
         r = self.dist.rank
-        if saved_world == self.dist.world_size:  # each rank continues its own streams: bit-identical
-            suffix = f".{r}" if f"rng.train.{r}" in ts else ""  # no suffix: a checkpoint from before per-rank streams
-            self.gen.set_state(ts[f"rng.train{suffix}"])
+        if saved_world == self.dist.world_size:  # each rank continues its own stream: bit-identical
+            suffix = f".{r}" if f"rng.global.{r}" in ts else ""  # no suffix: a checkpoint from before per-rank streams
             self.global_rng = ts[f"rng.global{suffix}"]
             self.pos = st["pos"]
         else:  # another world size, same global batch: the epoch's permutation continues where the job was
             consumed = st["pos"] * saved_world  # images of this epoch the whole job had used (rank-strided slices)
             self.pos = -(-consumed // self.dist.world_size)
-            seed = self.cfg.train.seed
-            self.gen = torch.Generator().manual_seed(seed + 1_000_003 * r + 7 * self.step)
-            self.global_rng = torch.Generator().manual_seed(seed + 7919 * (r + 1) + 7 * self.step).get_state()
+            self.global_rng = torch.Generator().manual_seed(self.cfg.train.seed + 7919 * (r + 1) + 7 * self.step).get_state()
             if self.dist.is_main:
+                dropout = self.cfg.model.dropout > 0
                 warnings.warn(f"--resume: run {self.run_dir} was trained with {saved_world} process(es), now "
-                              f"{self.dist.world_size}: same global batch and data order, fresh per-rank random streams "
-                              "(not bit-identical to an uninterrupted run)", DifflabWarning, stacklevel=2)
+                              f"{self.dist.world_size}: the same global batch, data order and per-example noise"
+                              + ("; dropout's masks come from fresh per-rank streams" if dropout else ""),
+                              DifflabWarning, stacklevel=2)
         if self.scaler is not None and "grad_scaler" in st:
             self.scaler.load_state_dict(st["grad_scaler"])
             self.skipped_steps = st.get("skipped_steps", 0)
