@@ -377,7 +377,6 @@ def resolve_config(
     raw["model"] = to_dict(MODEL_PRESETS[name])
     raw["train"].update(PRESET_TRAINING.get(name, {}))
     raw["preset"] = name
-    explicit = set()
     sampler_given = set((toml or {}).get("sampler") or {})  # sampler options someone named
     if rec is not None:
         raw["recipe"] = rec.name
@@ -393,7 +392,7 @@ def resolve_config(
         if value is not None:
             sec, name_ = key.split(".", 1)
             raw[sec][name_] = value
-    explicit |= _set_overrides(raw, overrides)
+    explicit = _set_overrides(raw, overrides)
     sampler_given |= {k.split(".", 1)[1] for k in explicit if k.startswith("sampler.")}
     kind = raw["sampler"].get("sampler", base.sampler.sampler.value)
     if kind != base.sampler.sampler.value:  # another sampler starts from its own defaults (as on the CLI), not ddim's
@@ -409,8 +408,8 @@ def resolve_config(
             raw["model"]["in_channels"] = raw["data"]["channels"]
         elif raw["data"]["source"] == "fashion-mnist":
             raw["model"]["in_channels"] = 1
-    up = raw.get("upscale") or {}
     if "model.cond_channels" not in explicit:  # a super-resolution run sees the upsampled image beside x
+        up = raw.get("upscale") or {}
         raw["model"]["cond_channels"] = raw["model"]["in_channels"] if up.get("from_size") else 0
     return from_dict(RunConfig, raw)
 
