@@ -124,7 +124,7 @@ def test_resume_continues_from_the_checkpoint(capsys, trained_run, tmp_path):
     assert code == 0, err
     assert "step 5" in out
     code, _, err = run(capsys, "train", "--out", copy, "--resume", "--image-size", 32)
-    assert code == 2 and "only training options may change" in err
+    assert code == 2 and "only train.* options may change" in err and "data.image_size=32 (saved: 16)" in err
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,8 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
         real_save(tensors, path)
 
     monkeypatch.setattr(ckpt_mod, "save_tensors", dying_save)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*step-0000006: disk on fire; the previous "
+                                              "checkpoint .*step-0000003 is intact"):
         trainer.run()
     monkeypatch.undo()
     run = load_run(tmp_path / "run")
@@ -195,26 +196,52 @@ def test_compile_without_a_compiler_is_a_one_line_error(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_non_finite_gradient_stops_training_and_keeps_the_last_checkpoint(tmp_path):
-    """A NaN loss at step 4 (checkpoints every 3, logs every 2): nothing of the broken state is saved;
-    the step-3 checkpoint stays the latest, with finite weights, and the error is one line."""
-    from difflab.train.loop import TrainingDiverged
-
-    trainer = Trainer(tiny_cfg(), tmp_path / "run", data=synthetic(), progress=False)
+def poison(trainer, bad_steps):
+    """Make the loss NaN on the steps (0-based step counter before the step) in ``bad_steps``."""
     loss = trainer.objective.loss
 
     def poisoned(x0, t, noise, **cond):
         out = loss(x0, t, noise, **cond)
-        return out * float("nan") if trainer.step == 3 else out  # the 4th step
+        return out * float("nan") if bad_steps(trainer.step) else out
 
     trainer.objective.loss = poisoned
+
+
+def test_a_non_finite_step_is_skipped_counted_and_changes_nothing(tmp_path):
+    """A NaN loss on the 4th step: no update (weights, Adam moments and step count as after step 3),
+    counted in the log, the logged loss stays finite, training goes on to the end."""
+    trainer = Trainer(tiny_cfg("train.checkpoint_every=100"), tmp_path / "run", data=synthetic(), progress=False)
+    poison(trainer, lambda step: step == 3)
+    trainer.run(stop_at=3)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()]
+    trainer.run(stop_at=4)
+    assert trainer.step == 4 and int(trainer.nonfinite_total) == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(m[k], v) for m, s in zip(moments, trainer.optimizer.state.values()) for k, v in s.items())
+    trainer.run()
+    assert trainer.step == 8 and not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["nonfinite_steps"] == 1
+    assert all(bool(v.isfinite().all()) for v in ckpt_mod.load_tensors(tmp_path / "run" / "model.safetensors").values())
+
+
+def test_k_non_finite_steps_in_a_row_stop_training_and_keep_the_last_checkpoint(tmp_path):
+    """NaN from the 4th step on, max_nonfinite_steps = 3 (checkpoints every 3, logs every 2): the run
+    stops at step 6 before its checkpoint; step 3 stays the latest; the error is one line naming both."""
+    from difflab.train.loop import TrainingDiverged
+
+    trainer = Trainer(tiny_cfg("train.max_nonfinite_steps=3"), tmp_path / "run", data=synthetic(), progress=False)
+    poison(trainer, lambda step: step >= 3)
     with pytest.raises(TrainingDiverged) as err:
         trainer.run()
-    assert "diverged at step 4" in str(err.value) and "\n" not in str(err.value)
+    message = str(err.value)
+    assert "diverged at step 6" in message and "3 steps in a row" in message and "\n" not in message
+    assert message.count("checkpoints/step-0000003") == 1
     assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 3
-    assert all(bool(v.isfinite().all()) for v in ckpt_mod.load_tensors(tmp_path / "run" / "model.safetensors").values())
-    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert logged == [2]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000003"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4] and logged[-1]["nonfinite_steps"] == 1
 
 
 def test_fp16_trains_with_a_gradient_scaler_and_resumes_exactly(tmp_path):

@@ -74,6 +74,9 @@ class TrainConfig:
     lr_decay: LRDecay = LRDecay.NONE
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # a step whose loss or gradient is not finite is skipped (no update; counted in the log); this many
+    # in a row stop the run, saving nothing, with a message naming the last good checkpoint
+    max_nonfinite_steps: int = 8
     grad_accum: int = 1
     max_steps: int = 20_000
     minutes: float = 0.0  # wall-clock budget of one invocation; 0 = none
@@ -104,7 +107,8 @@ class TrainConfig:
         if not isinstance(self.grad_checkpoint, bool):
             raise ConfigError(f"train.grad_checkpoint must be true or false, got {self.grad_checkpoint!r}")
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "train.precision"))
-        positive = ["batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_steps"]
+        positive = ["batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_steps",
+                    "max_nonfinite_steps"]
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")

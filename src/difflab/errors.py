@@ -28,6 +28,10 @@ class CheckpointError(DifflabError):
     """A run directory or checkpoint is missing or damaged."""
 
 
+class OutputError(DifflabError):
+    """A file could not be written (disk full, file too large, no permission, read-only file system)."""
+
+
 class DifflabWarning(UserWarning):
     """Something the user should know that does not stop the work (the CLI prints it as one line)."""
 

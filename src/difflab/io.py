@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from difflab.errors import OutputError
+
 
 def cache_dir(*parts: str) -> Path:
     """``$DIFFLAB_CACHE`` or ``$XDG_CACHE_HOME/difflab`` or ``~/.cache/difflab``, plus ``parts``; created."""
@@ -42,11 +44,15 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success fsync it and rename it over ``target``.
 
-    On any exception the temporary file is removed and ``target`` is untouched.
+    On any exception the temporary file is removed and ``target`` is untouched; an ``OSError``
+    (ENOSPC, EFBIG, EACCES, EROFS, ...) becomes one :class:`~difflab.errors.OutputError` naming ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise OutputError(f"could not write {target}: {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -59,8 +65,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
+    except OSError as e:  # disk full, file too large, no permission, read-only: one line, target untouched
+        raise OutputError(f"could not write {target}: {e.strerror or e}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
 
 

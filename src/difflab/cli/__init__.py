@@ -57,7 +57,13 @@ def _show_warning(default: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # argparse matches a positional list once: key=value overrides after another option land here
+        spill = [a for a in extra if "=" in a and not a.startswith("-")]
+        if spill and isinstance(getattr(args, "overrides", None), list) and len(spill) == len(extra):
+            args.overrides += spill
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if not args.command:
             parser.print_help()
             return EXIT_USAGE

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from difflab.cli.common import Command, add_device_option, nonneg_float, out_folder, positive_int
 from difflab.errors import ConfigError
@@ -43,12 +43,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="training seed")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", nargs="?", const="always", action=ResumeAction, metavar="auto",
+                   help="continue the run in --out from its newest checkpoint (flags equal to the saved config are "
+                        "fine; only training options may change); --resume auto: resume if --out has a checkpoint, "
+                        "else start the run, so one command line serves the first start and every requeue")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. train.lr=1e-4 schedule.kind=cosine model.dropout=0")
+
+
+class ResumeAction(argparse.Action):
+    """``--resume`` (always) or ``--resume auto``. An optional value swallows the next word, so a
+    ``key=value`` override right after ``--resume`` is handed back to the overrides."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values is None or values in ("always", "auto"):
+            setattr(namespace, self.dest, values or "always")
+        elif "=" in values:
+            setattr(namespace, self.dest, "always")
+            namespace.resume_spill = [*getattr(namespace, "resume_spill", []), values]
+        else:
+            parser.error(f"--resume takes no value or 'auto', not {values!r}")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*getattr(args, "resume_spill", []), *args.overrides]
 
 
 def _train_flags(args: argparse.Namespace) -> dict:
@@ -90,37 +112,90 @@ def _conditioned(cfg: RunConfig) -> RunConfig:
     return condition_model(cfg, schema, text_dim)
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Two data paths name the same file or folder (``../data`` and ``/work/data``, say)."""
+    if a == b:
+        return True
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+def _resume_config(saved: RunConfig, args: argparse.Namespace, overrides: list[str]) -> RunConfig:
+    """The saved config with this command line's training options applied. The command may repeat
+    the options the run was started with (a requeued job runs the same line again); only a real
+    change outside ``train.*`` is refused, naming each option with its saved and new value."""
+    from difflab.config import apply_overrides, load_toml, to_dict
+
+    conflicts = [f"{flag} {new} (saved: {old})" for flag, new, old in
+                 [("--preset", args.preset, saved.preset), ("--recipe", args.recipe, saved.recipe)] if new and new != old]
+    flags = {k: v for k, v in _train_flags(args).items() if v is not None}
+    before = _flatten(to_dict(saved))
+    for key in ("data.source", "data.labels"):  # the same folder named another way is no change
+        if key in flags and _same_path(flags[key], before[key]):
+            flags[key] = before[key]
+    toml = _flatten(load_toml(args.config)) if args.config else {}
+    items: list[tuple[str, Any]] = [*flags.items(), *toml.items()]
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep:
+            apply_overrides(saved, [text])  # its one-line error about the form key=value
+        items.append((key.strip(), value.strip()))
+    cfg = saved
+    for key, value in items:
+        if key.startswith("train.") or key not in before:  # a training option, or an unknown key's own error
+            cfg = apply_overrides(cfg, {key: value})
+            continue
+        try:
+            new = _flatten(to_dict(apply_overrides(saved, {key: value})))[key]
+        except ConfigError:  # a value the saved run cannot take (another image size than its network's...)
+            new = value
+        if new != before[key]:
+            conflicts.append(f"{key}={new!r} (saved: {before[key]!r})")
+    if conflicts:
+        raise ConfigError("--resume continues the saved config; only train.* options may change, not: " + ", ".join(conflicts))
+    return cfg
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from difflab.config import RunConfig, apply_overrides, load_toml, resolve_config
+    from difflab.config import RunConfig, load_toml, resolve_config
     from difflab.io import atomic_write_bytes
     from difflab.train import Trainer
     from difflab.train.checkpoint import CONFIG, require_run
+    from difflab.train.loop import has_checkpoint
 
     if not args.out:
         raise ConfigError("train: --out RUN_DIR is required")
     out_folder(args.out, "--out")
-    if args.resume:
+    overrides = _overrides(args)
+    resuming = args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
+    if resuming:
         run = require_run(args.out, "--out")
-        cfg = RunConfig.load(run / CONFIG)
-        changes = {k: v for k, v in _train_flags(args).items() if v is not None and k.startswith("train.")}
-        others = [k for k, v in _train_flags(args).items() if v is not None and not k.startswith("train.")]
-        bad = others + [o for o in args.overrides if not o.startswith("train.")]
-        if bad or args.config or args.preset or args.recipe:
-            raise ConfigError("--resume continues the saved config; only training options may change, "
-                              f"not {bad or '--config/--preset/--recipe'}")
-        cfg = apply_overrides(apply_overrides(cfg, changes), args.overrides)
+        cfg = _resume_config(RunConfig.load(run / CONFIG), args, overrides)
     else:
         if not args.data:
             raise ConfigError("train: --data PATH|fashion-mnist is required")
         toml = load_toml(args.config) if args.config else None
         cfg = resolve_config(preset=args.preset, recipe=_recipe(args), toml=toml, flags=_train_flags(args),
-                             overrides=args.overrides)
+                             overrides=overrides)
         cfg = _conditioned(cfg)
     if args.dry_run:
         print(cfg.to_json(), end="")
         return 0
-    trainer = Trainer(cfg, args.out, resume=args.resume, progress=not args.no_progress, device=args.device)
-    if args.resume:  # keep the changed training options with the run, so the next resume sees them
+    trainer = Trainer(cfg, args.out, resume=True if resuming else "auto" if args.resume == "auto" else False,
+                      progress=not args.no_progress, device=args.device)
+    if resuming:  # keep the changed training options with the run, so the next resume sees them
         atomic_write_bytes(Path(args.out) / CONFIG, cfg.to_json().encode())
     result = trainer.run()
     print(f"trained to step {result['step']} ({result['stopped_by']}) in {result['seconds']:.0f} s; run: {result['run_dir']}")

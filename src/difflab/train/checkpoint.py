@@ -13,27 +13,40 @@ Layout of a run directory::
 
 A checkpoint is written into ``step-N.tmp-*`` and renamed to ``step-N`` only once every file in it
 is complete and fsync'ed; ``latest.json`` is switched after that. A crash at any point leaves the
-previous checkpoint, and ``latest.json`` pointing to it, intact.
+previous checkpoint, and ``latest.json`` pointing to it, intact. A write that fails (disk full, no
+permission, read-only file system) is one :class:`CheckpointError` naming the path; the temporary
+directory is removed and the previous checkpoint stays the latest.
+
+At least two checkpoints are kept whatever ``keep`` says, so that a checkpoint damaged after it was
+written (a truncated copy, a bad disk) has a predecessor: :func:`load_newest_good` tries the newest
+first and falls back, one warning per damaged checkpoint, which it renames ``step-N.damaged`` so
+that pruning and later resumes leave it alone.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from difflab.errors import CheckpointError
+from difflab.errors import CheckpointError, DifflabWarning, OutputError
 from difflab.io import atomic_path, atomic_write_json, fsync_dir
 
 CONFIG = "config.json"
 LATEST = "latest.json"
+MIN_KEEP = 2  # a damaged newest checkpoint always has a predecessor to fall back to
+_STEP_DIR = re.compile(r"step-(\d+)")
+T = TypeVar("T")
 
 
 def _fsync_file(path: Path) -> None:
@@ -74,6 +87,14 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # safetensors stores every tensor contiguous; a moment buffer must have its parameter's layout again
+    # (channels_last convolution weights), as the fused AdamW kernel walks both with the same strides
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 @dataclass
@@ -92,12 +113,15 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``tensors`` (name -> state dict) and ``state`` as checkpoint ``step``; keep the last ``keep``."""
+    """Write ``tensors`` (name -> state dict) and ``state`` as checkpoint ``step``; keep the last
+    ``max(keep, 2)``. A failed write (ENOSPC, EACCES, EROFS, EFBIG, ...) raises one
+    :class:`CheckpointError` naming the path, after removing what it had written."""
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=ckpt_root))
+    tmp: Path | None = None
     try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=ckpt_root))
         for name, sd in tensors.items():
             save_tensors(sd, tmp / f"{name}.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -106,16 +130,36 @@ def save_checkpoint(
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        tmp = None
         fsync_dir(ckpt_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_json(run_dir / LATEST, {"checkpoint": f"checkpoints/{final.name}", "step": step})
-    for name in ("model", "ema"):
-        if name in tensors:
-            _link_latest(final / f"{name}.safetensors", run_dir / f"{name}.safetensors")
+        atomic_write_json(run_dir / LATEST, {"checkpoint": f"checkpoints/{final.name}", "step": step})
+        for name in ("model", "ema"):
+            if name in tensors:
+                _link_latest(final / f"{name}.safetensors", run_dir / f"{name}.safetensors")
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {final}: {_os_reason(e)}; "
+                              f"{_previous(run_dir)} is intact") from None
+    except (SafetensorError, OutputError) as e:  # safetensors' own error type; io.atomic_path's one line
+        raise CheckpointError(f"could not write checkpoint {final}: {e}; {_previous(run_dir)} is intact") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     _prune(ckpt_root, keep, final)
     return final
+
+
+def _os_reason(e: OSError) -> str:
+    """``strerror`` and the file it concerns, e.g. 'No space left on device (.../model.safetensors)'."""
+    reason = e.strerror or str(e)
+    return f"{reason} ({e.filename})" if e.filename else reason
+
+
+def _previous(run_dir: Path) -> str:
+    try:
+        rel = json.loads((run_dir / LATEST).read_text())["checkpoint"]
+        return f"the previous checkpoint {run_dir / rel}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the run's earlier files"
 
 
 def _link_latest(src: Path, dst: Path) -> None:
@@ -128,13 +172,29 @@ def _link_latest(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
+def _step_dirs(ckpt_root: Path) -> list[Path]:
+    """The complete checkpoints (``step-N``, no temporary or damaged ones), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir())
+
+
 def _prune(ckpt_root: Path, keep: int, newest: Path) -> None:
-    done = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name)
-    for old in done[:-keep]:
+    for old in _step_dirs(ckpt_root)[:-max(keep, MIN_KEEP)]:
         if old != newest:
             shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob("*.tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _read_checkpoint(path: Path) -> Checkpoint:
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: state.json is unreadable ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {path}: state.json has no step")
+    return Checkpoint(path=path, state=state)
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
@@ -144,11 +204,59 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         return None
     try:
         rel = json.loads(pointer.read_text())["checkpoint"]
-        path = run_dir / rel
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"run {run_dir}: latest checkpoint is unreadable ({e})") from None
-    return Checkpoint(path=path, state=state)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"run {run_dir}: {pointer.name} is unreadable ({e})") from None
+    return _read_checkpoint(run_dir / rel)
+
+
+def candidate_checkpoints(run_dir: Path) -> list[Path]:
+    """Where a resume looks, in order: the checkpoint ``latest.json`` names (if it exists), then every
+    other complete checkpoint, newest first."""
+    steps = _step_dirs(run_dir / "checkpoints")[::-1]
+    try:
+        named = run_dir / json.loads((run_dir / LATEST).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return steps
+    return [named] + [p for p in steps if p != named] if named in steps else steps
+
+
+def load_newest_good(run_dir: Path, load: Callable[[Checkpoint], T], *, quarantine: bool = True) -> tuple[Checkpoint, T] | None:
+    """``load`` applied to the newest checkpoint that loads: a checkpoint whose ``load`` raises
+    :class:`CheckpointError` (truncated file, bad header, missing member, other shapes) is reported
+    in one warning and the previous one is tried; once one loads, the damaged newer ones are renamed
+    ``step-N.damaged`` (when ``quarantine``). None when the run has no checkpoint; a CheckpointError,
+    renaming nothing, when none of them loads (a changed config, say)."""
+    candidates = candidate_checkpoints(run_dir)
+    damaged: list[Path] = []
+    errors: list[str] = []
+    for path in candidates:
+        try:
+            ckpt = _read_checkpoint(path)
+            loaded = load(ckpt)
+        except CheckpointError as e:
+            damaged.append(path)
+            errors.append(str(e))
+            if len(candidates) > len(errors):
+                warnings.warn(f"{e}; falling back to the previous checkpoint", DifflabWarning, stacklevel=2)
+            continue
+        if quarantine:
+            for bad in damaged:
+                _quarantine(bad)
+        return ckpt, loaded
+    if errors:
+        raise CheckpointError(f"run {run_dir}: none of its {len(candidates)} checkpoint(s) loads (newest: {errors[0]})")
+    return None
+
+
+def _quarantine(path: Path) -> None:
+    """Move a damaged checkpoint out of the way (kept for inspection, never loaded or pruned)."""
+    target = path.with_name(path.name + ".damaged")
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    except OSError:
+        pass
 
 
 def require_run(run_dir: str | os.PathLike[str], flag: str = "--run") -> Path:

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
 from difflab.devices import resolve_device, to_device
 from difflab.edit.upscale import resize, training_pair, upscale_batches
-from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning
+from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning, OutputError
 from difflab.io import atomic_write_bytes
 from difflab.models.unet import UNet
 from difflab.precision import autocast_dtype, fast_matmul, require_compiler, to_memory_format
@@ -50,7 +50,10 @@ from difflab.samplers.noise import randn
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import (
     CONFIG,
-    latest_checkpoint,
+    LATEST,
+    Checkpoint,
+    candidate_checkpoints,
+    load_newest_good,
     load_weights,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -62,14 +65,15 @@ from difflab.train.ema import EMA
 from difflab.train.tensorboard import TensorBoardLog, require_tensorboard
 from difflab.visualize.images import make_grid, save_grid
 
-NONFINITE = "non-finite gradient"
+NONFINITE = "non-finite steps"
 # the per-example training streams (difflab.samplers.noise.image_seed): 0 is sampling's, 1 a cascade's SR stage
 TRAIN_STREAM = 2
 STOP_REASONS = {1: "minutes", 3: NONFINITE}
 
 
 class TrainingDiverged(DifflabError):
-    """The gradient norm became inf or NaN: training stopped without saving the broken state."""
+    """``train.max_nonfinite_steps`` steps in a row had a non-finite loss or gradient: training stopped
+    without saving anything of the broken state."""
 
 
 PREVIEW_SAMPLER = SamplerConfig(sampler=SamplerKind.DDIM, steps=25, eta=1.0)  # stochastic: kinder to young models
@@ -131,7 +135,7 @@ class Trainer:
         run_dir: str | os.PathLike[str],
         *,
         data: ImageData | None = None,
-        resume: bool = False,
+        resume: bool | Literal["auto"] = False,
         progress: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
@@ -144,7 +148,12 @@ class Trainer:
                 f"train.batch_size={tc.batch_size} must be divisible by world_size * grad_accum = {per_step}"
             )
         self.micro_batch = tc.batch_size // per_step
-        self._check_run_dir(resume)  # before minutes of decoding data
+        fresh_ok = False
+        if resume == "auto":  # one command line for the first start and every requeue
+            resume, fresh_ok = has_checkpoint(self.run_dir), True
+        elif not isinstance(resume, bool):
+            raise ConfigError(f"resume must be true, false or 'auto', got {resume!r}")
+        self._check_run_dir(resume, fresh_ok)  # before minutes of decoding data
         self.device = resolve_device(device)
         if self.device.type == "cuda":  # one GPU per rank: cuda means this rank's own
             if self.device.index is None:
@@ -170,13 +179,18 @@ class Trainer:
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         self.model = to_memory_format(self.model, self.memory_format)
         self.ema = EMA(self.model, tc.ema_halflife_images, tc.ema_rampup)
+        # fused: one kernel per step, and it can skip a step on the device (found_inf, see _optimizer_step)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
+            self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay,
+            fused=True,
         )
         self.autocast = autocast_dtype(tc.precision, self.device)
         # fp16 overflows where bf16 does not: scale the loss, skip steps whose gradients overflowed
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
         self.skipped_steps = 0
+        # steps skipped for a non-finite loss or gradient: in all, and in a row (device tensors: no sync per step)
+        self.nonfinite_total = torch.zeros((), device=self.device)
+        self.nonfinite_run = torch.zeros((), device=self.device)
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -201,13 +215,15 @@ class Trainer:
         elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / CONFIG, cfg.to_json().encode())
+            if fresh_ok:  # a start that died before its first checkpoint: its log is not this run's
+                (self.run_dir / "log.jsonl").unlink(missing_ok=True)
 
-    def _check_run_dir(self, resume: bool) -> None:
+    def _check_run_dir(self, resume: bool, fresh_ok: bool = False) -> None:
         if resume:
             require_run(self.run_dir, "--out")
         elif self.run_dir.exists() and not self.run_dir.is_dir():
             raise CheckpointError(f"--out {self.run_dir} is a file; give a folder for the run")
-        elif (self.run_dir / CONFIG).exists():
+        elif (self.run_dir / CONFIG).exists() and not fresh_ok:
             raise CheckpointError(f"--out {self.run_dir} already holds a run; pass --resume or choose another --out")
 
     # -- data --------------------------------------------------------------------------
@@ -281,14 +297,16 @@ class Trainer:
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             with torch.no_grad():  # loss sums per timestep quartile, read only at log time (no sync per step)
                 q = to_device((t * 4 / T).floor().long().clamp(0, 3), self.device)
-                sums[0].index_add_(0, q, per_example.detach().float())
-                sums[1].index_add_(0, q, torch.ones_like(per_example, dtype=torch.float32))
+                value = per_example.detach().float()
+                finite = torch.isfinite(value)  # a skipped step's NaNs stay out of the logged loss
+                sums[0].index_add_(0, q, torch.where(finite, value, 0.0))
+                sums[1].index_add_(0, q, finite.float())
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         if self.scaler is None:
-            self.optimizer.step()
+            self._optimizer_step(grad_norm)
         else:  # skips the step if any gradient overflowed, then adapts the scale (a host read per step)
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -300,12 +318,26 @@ class Trainer:
         self.ema.update(self.model, self.images_seen, tc.batch_size)
         return grad_norm
 
+    def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
+        """The AdamW step, skipped on the device when the loss or a gradient is not finite (the global
+        norm is then inf or NaN): the fused kernel's ``found_inf`` input, the one GradScaler uses, leaves
+        weights, moments and Adam's step count untouched. Skips are counted without a host sync."""
+        bad = (~torch.isfinite(grad_norm)).float()
+        opt: Any = self.optimizer
+        opt.grad_scale, opt.found_inf = None, bad
+        try:
+            self.optimizer.step()
+        finally:
+            opt.found_inf = None
+        self.nonfinite_total += bad
+        self.nonfinite_run.add_(bad).mul_(bad)
+
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train until max_steps, the minutes budget, ``stop_at`` (tests) or a signal; then save."""
         tc = self.cfg.train
         end = min(tc.max_steps, stop_at or tc.max_steps)
-        start_time, start_step = time.monotonic(), self.step
+        start_time, start_step, elapsed_before = time.monotonic(), self.step, self.elapsed
         sums = torch.zeros(2, 4, device=self.device)
         last_log_time, last_log_step = start_time, self.step
         reason = "max_steps"
@@ -323,7 +355,7 @@ class Trainer:
             while self.step < end:
                 grad_norm = self._train_step(sums)
                 agreed = self._agree_stop(stop["signal"], bool(tc.minutes) and time.monotonic() - start_time >= tc.minutes * 60,
-                                          grad_norm, self.step >= end)
+                                          self.step >= end)
                 if agreed == NONFINITE:  # nothing of this state is logged, previewed or saved
                     reason = agreed
                     break
@@ -341,6 +373,9 @@ class Trainer:
                 if tc.sample_every and self.step % tc.sample_every == 0:
                     self.save_samples()
                 if self.step % tc.checkpoint_every == 0 and self.step < end:
+                    # what the next step needs: dropout's stream as it is now, the time trained so far
+                    self.global_rng = torch.get_rng_state()
+                    self.elapsed = elapsed_before + time.monotonic() - start_time
                     self.save()
                 if agreed is not None:
                     reason = agreed
@@ -350,10 +385,12 @@ class Trainer:
                 if self.tb is not None:
                     self.tb.close()
                     self.tb = None
-                raise TrainingDiverged(f"training diverged at step {self.step}: the gradient norm is not finite; the last "
-                                       f"checkpoint in {self.run_dir} is intact (lower train.lr, or keep train.grad_clip > 0)")
+                raise TrainingDiverged(
+                    f"training diverged at step {self.step}: {tc.max_nonfinite_steps} steps in a row had a non-finite "
+                    f"loss or gradient (skipped, nothing saved); last good checkpoint: {self._last_checkpoint()} "
+                    "(lower train.lr, or keep train.grad_clip > 0)")
             self.global_rng = torch.get_rng_state()
-            self.elapsed += time.monotonic() - start_time
+            self.elapsed = elapsed_before + time.monotonic() - start_time
             self.save()
             if tc.sample_every and self.step % tc.sample_every:
                 self.save_samples()
@@ -364,32 +401,39 @@ class Trainer:
         return {"step": self.step, "stopped_by": reason, "steps_this_run": self.step - start_step,
                 "seconds": time.monotonic() - start_time, "run_dir": str(self.run_dir)}
 
-    def _agree_stop(self, signal_name: str | None, out_of_time: bool, grad_norm: torch.Tensor, last: bool) -> str | None:
+    def _agree_stop(self, signal_name: str | None, out_of_time: bool, last: bool) -> str | None:
         """Why to stop after this step, the same answer on every rank, or None: one collective per step
         (the most severe of the ranks' reasons wins), so no rank leaves the others waiting in an
-        all-reduce. A single process checks the gradient norm's finiteness only at log and checkpoint
-        steps (a host sync per step would cost on a GPU). Under fp16's gradient scaler an overflow is a
-        skipped step, not a divergence."""
-        if self.scaler is not None:
-            grad_norm = torch.zeros((), device=self.device)
+        all-reduce. ``train.max_nonfinite_steps`` skipped steps in a row stop the run; a single process
+        reads that count every step on a CPU (free) and at log and checkpoint steps on a GPU (a host
+        read per step would stall it; skipped steps change nothing, so a later stop loses nothing).
+        Under fp16's gradient scaler an overflow is the scaler's skipped step, not counted here."""
         local = 0
         if out_of_time:
             local = 1
         if signal_name:
             local = 2
+        diverged = self.nonfinite_run >= self.cfg.train.max_nonfinite_steps
         if self.dist.world_size == 1:
             tc = self.cfg.train
-            check = self.step % tc.log_every == 0 or self.step % tc.checkpoint_every == 0 or local or last
-            if check and not bool(torch.isfinite(grad_norm)):  # before anything is logged or saved
+            check = (self.device.type == "cpu" or self.step % tc.log_every == 0 or self.step % tc.checkpoint_every == 0
+                     or local or last)
+            if check and bool(diverged):  # before anything is logged or saved
                 return NONFINITE
             return None if local == 0 else STOP_REASONS[local] if local == 1 else signal_name
-        code = torch.where(torch.isfinite(grad_norm).to(self.device), torch.tensor(float(local), device=self.device),
-                           torch.tensor(3.0, device=self.device)).reshape(1)
+        code = torch.where(diverged, torch.tensor(3.0, device=self.device),
+                           torch.tensor(float(local), device=self.device)).reshape(1)
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
         agreed = int(code.item())
         if agreed == 2:
             return signal_name or "signal (another rank)"
         return None if agreed == 0 else STOP_REASONS[agreed]
+
+    def _last_checkpoint(self) -> str:
+        try:
+            return str(self.run_dir / json.loads((self.run_dir / LATEST).read_text())["checkpoint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "none saved yet"
 
     def _log(self, sums: torch.Tensor, grad_norm: torch.Tensor, images_per_s: float) -> dict[str, Any]:
         if self.dist.world_size > 1:  # the whole job's loss, not rank 0's alone (at log steps only)
@@ -404,9 +448,16 @@ class Trainer:
         }
         if self.scaler is not None:
             record["grad_scale"], record["skipped_steps"] = self.scaler.get_scale(), self.skipped_steps
+        else:
+            record["nonfinite_steps"] = int(self.nonfinite_total)
         if self.dist.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            log = self.run_dir / "log.jsonl"
+            try:
+                with open(log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise OutputError(f"could not write {log}: {e.strerror or e}; the last checkpoint "
+                                  f"{self._last_checkpoint()} is intact") from None
             if self.tb is not None:
                 self.tb.scalars(record)
         return record
@@ -462,6 +513,7 @@ class Trainer:
         state = {
             "step": self.step, "images_seen": self.images_seen, "epoch": self.epoch, "pos": self.pos,
             "elapsed_seconds": self.elapsed, "optimizer": optim_meta, "world_size": self.dist.world_size,
+            "nonfinite_steps": int(self.nonfinite_total), "nonfinite_in_a_row": int(self.nonfinite_run),
         }
         if self.scaler is not None:
             state["grad_scaler"], state["skipped_steps"] = self.scaler.state_dict(), self.skipped_steps
@@ -472,17 +524,34 @@ class Trainer:
         )
 
     def _restore(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+        """Continue from the newest checkpoint that loads (a damaged one is reported and the one
+        before it is used, see :func:`~difflab.train.checkpoint.load_newest_good`)."""
+        found = load_newest_good(self.run_dir, self._load_checkpoint, quarantine=self.dist.is_main)
+        if found is None:
             raise CheckpointError(f"--resume: run {self.run_dir} has no checkpoint yet")
+        if self.dist.is_main:
+            self._trim_log()
+
+    def _load_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Everything of ``ckpt`` into this trainer, or a CheckpointError naming what does not load."""
+        try:
+            self._load_state(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt.path} does not load: {type(e).__name__}: {e}") from None
+
+    def _load_state(self, ckpt: Checkpoint) -> None:
         st = ckpt.state
         saved_world = st.get("world_size", 1)
         load_weights(self.model, ckpt.tensors("model"), ckpt.path / "model.safetensors", self.run_dir / CONFIG)
         load_weights(self.ema.model, ckpt.tensors("ema"), ckpt.path / "ema.safetensors", self.run_dir / CONFIG)
         ts = ckpt.tensors("train_state")
         optimizer_from_tensors(self.optimizer, {k[6:]: v for k, v in ts.items() if k.startswith("optim.")}, st["optimizer"])
+        for group in self.optimizer.param_groups:  # checkpoints written before the fused step say otherwise
+            group["fused"], group["foreach"] = True, None
         self.step, self.images_seen = st["step"], st["images_seen"]
         self.epoch, self.elapsed = st["epoch"], st["elapsed_seconds"]
+        self.nonfinite_total.fill_(st.get("nonfinite_steps", 0))
+        self.nonfinite_run.fill_(st.get("nonfinite_in_a_row", 0))
         r = self.dist.rank
         if saved_world == self.dist.world_size:  # each rank continues its own stream: bit-identical
             suffix = f".{r}" if f"rng.global.{r}" in ts else ""  # no suffix: a checkpoint from before per-rank streams
@@ -502,3 +571,24 @@ class Trainer:
             self.scaler.load_state_dict(st["grad_scaler"])
             self.skipped_steps = st.get("skipped_steps", 0)
 
+    def _trim_log(self) -> None:
+        """Drop the log records of steps after the checkpoint (written before a crash, about to be redone)."""
+        log = self.run_dir / "log.jsonl"
+        if not log.is_file():
+            return
+        lines = log.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by the crash
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            atomic_write_bytes(log, "".join(keep).encode())
+
+
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` holds at least one complete checkpoint (what ``--resume auto`` resumes)."""
+    return bool(candidate_checkpoints(Path(run_dir)))
