@@ -1,5 +1,6 @@
 """Faults a long training job meets: requeues that repeat the command line, kill -9 at any moment,
 damaged checkpoints, full disks. Nothing may be lost, and a resumed run must equal an uninterrupted one."""
+import importlib.util
 import json
 import os
 import resource
@@ -213,3 +214,24 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     err = sample.stderr.strip()
     assert sample.returncode == 2 and err.count("\n") == 0 and "could not write" in err and str(out) in err, err
     assert not [p for p in out.iterdir() if p.suffix == ".jpg"] if out.exists() else True
+
+
+# -- kill -9 at the worst moments, resumed by the same command line ---------------------------------
+
+def _bench_faults():
+    spec = importlib.util.spec_from_file_location("bench_faults", Path(__file__).parents[1] / "bench" / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kill_9_while_writing_checkpoints_and_previews_loses_nothing(tmp_path):
+    """The short form of bench/faults.py: SIGKILL while a checkpoint is being written, while a preview
+    grid is, and while a checkpoint is again; every checkpoint on disk loads after each kill, and the
+    job resumed with `--resume auto` ends bit-identical to an uninterrupted one."""
+    faults = _bench_faults()
+    data = faults.make_data(tmp_path / "data", n=32)
+    result = faults.kill_loop(data, tmp_path, kills=3, steps=24, verbose=False,
+                              moments=("checkpoint", "preview", "checkpoint"))
+    assert result["kills"] == 3 and result["corrupt"] == 0 and result["maxdiff"] == 0.0
+    assert result["moments"].get("checkpoint write", 0) >= 1
