@@ -116,7 +116,8 @@ def check_checkpoints(run: Path) -> list[str]:
     """Every complete checkpoint on disk, and what latest.json and the run's weight links name, must load."""
     problems = []
     root = run / "checkpoints"
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and "." not in p.name) if root.exists() else []
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and "." not in p.name) \
+        if root.exists() else []
     for d in dirs:
         try:
             state = json.loads((d / "state.json").read_text())
@@ -223,7 +224,7 @@ def main() -> None:
         data = make_data(work / "data")
         t0 = time.monotonic()
         res = kill_loop(data, work, args.kills, args.steps, args.seed)
-        print(f"\n| kill moment | count |\n|---|---:|")
+        print("\n| kill moment | count |\n|---|---:|")
         for k, v in sorted(res["moments"].items()):
             print(f"| {k} | {v} |")
         print(f"\nkill loop: {res['kills']} kills in {time.monotonic() - t0:.0f} s, corrupt checkpoints {res['corrupt']}, "

@@ -235,3 +235,30 @@ def test_kill_9_while_writing_checkpoints_and_previews_loses_nothing(tmp_path):
                               moments=("checkpoint", "preview", "checkpoint"))
     assert result["kills"] == 3 and result["corrupt"] == 0 and result["maxdiff"] == 0.0
     assert result["moments"].get("checkpoint write", 0) >= 1
+
+
+@pytest.mark.parametrize("err", ["EROFS", "EACCES", "ENOSPC"])
+def test_a_refused_write_is_one_line_naming_the_file_and_leaves_no_temporary(tmp_path, monkeypatch, err):
+    """Read-only file systems and permissions cannot be staged as root in a test: the rename (EROFS,
+    EACCES) or the write (ENOSPC) fails as the kernel would make it fail."""
+    import errno
+
+    from difflab import io
+    from difflab.errors import OutputError
+
+    target = tmp_path / "out" / "x.json"
+    io.atomic_write_json(target, {"old": True})
+    code = getattr(errno, err)
+    if err == "ENOSPC":
+        def write(self, data):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(Path, "write_bytes", write)
+    else:
+        def replace(src, dst):
+            raise OSError(code, os.strerror(code), str(dst))
+        monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OutputError) as e:
+        io.atomic_write_json(target, {"old": False})
+    monkeypatch.undo()
+    assert str(e.value) == f"could not write {target}: {os.strerror(code)}"
+    assert json.loads(target.read_text()) == {"old": True} and [p.name for p in target.parent.iterdir()] == ["x.json"]
