@@ -89,7 +89,7 @@ def kill_at(proc: subprocess.Popen, run: Path, moment: str, rng: random.Random, 
     log = run / "log.jsonl"
     logged = log.stat().st_size if log.exists() else 0
     if moment == "random":
-        deadline = t0 + rng.uniform(0.5, 12.0)
+        deadline = t0 + rng.uniform(0.5, 8.0)
     elif moment == "startup":
         deadline = t0 + rng.uniform(0.2, 2.5)
     else:
@@ -182,6 +182,8 @@ def kill_loop(data: Path, work: Path, kills: int, steps: int, seed: int = 0, ver
     if final.returncode:
         raise RuntimeError(f"the final resume failed: {final.stderr.strip()}")
     corrupt += len(check_checkpoints(run))
+    if what.total() - what["finished"] < kills:
+        print(f"warning: the job finished after {what.total()} kills; give more --steps", flush=True)
     return {"kills": what.total(), "moments": dict(what), "corrupt": corrupt, "maxdiff": max_diff(ref, run)}
 
 
@@ -214,7 +216,7 @@ def torchrun_sigterm(data: Path, work: Path, steps: int = 40, port: int = 29611)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=24)
-    p.add_argument("--steps", type=int, default=240, help="training steps of the job (enough to outlast the kills)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps of the job (enough to outlast the kills)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torchrun", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--keep", action="store_true", help="keep the work folder")
