@@ -470,10 +470,17 @@ def test_eval_and_fid_stats_end_to_end(tmp_path: Path, face_files: list[Path], f
     assert load_stats(npz).n == 20
     out2 = tmp_path / "again.json"
     with pytest.warns(SkippedImagesWarning):
-        run_eval(_eval_args("--real", str(npz), "--fake", str(fake), "--metrics", "fid", "--json", str(out2),
+        run_eval(_eval_args("--real", str(npz), "--fake", str(fake), "--metrics", "fid,pr", "--json", str(out2),
                             "--fid-weights", w, "--no-progress"))
     r2 = json.loads(out2.read_text())
     assert r2["fid"] == pytest.approx(r["fid"], rel=1e-9) and r2["kid_mean"] is None and r2["detect_rate"] is None
+    assert "precision / recall" in capsys.readouterr().out and r["precision"] is None
+    assert 0 <= r2["precision"] <= 1 and 0 <= r2["recall"] <= 1 and r2["protocol"]["pr"]["k"] == 3
+    # the same features on both sides: every point lies in the other set's manifold
+    same = tmp_path / "same.json"
+    run_eval(_eval_args("--real", str(real), "--fake", str(real), "--metrics", "pr", "--json", str(same),
+                        "--fid-weights", w, "--no-progress"))
+    assert json.loads(same.read_text())["precision"] == json.loads(same.read_text())["recall"] == 1.0
 
 
 def test_eval_rejects_bad_input_with_one_line_errors(tmp_path: Path, face_files: list[Path]) -> None:

@@ -8,6 +8,7 @@ leaves either the old file or the new one, never a torn mix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -79,6 +80,38 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``path``, an existing file or folder, for the block.
+
+    Processes that lock the same path take turns; the lock belongs to the open file, so a process that
+    dies releases it. Locking a folder itself needs no lock file beside it. Where ``fcntl`` is missing
+    (Windows), or the file system cannot lock (some network file systems), the block runs unlocked,
+    the latter with a :class:`~difflab.errors.DifflabWarning`.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL):
+                raise
+            import warnings
+
+            from difflab.errors import DifflabWarning
+
+            warnings.warn(f"cannot lock {path} ({e.strerror or e}): processes writing it at the same time are not "
+                          "kept apart", DifflabWarning, stacklevel=3)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

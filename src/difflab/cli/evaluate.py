@@ -1,6 +1,6 @@
 """``difflab eval`` and ``difflab fid-stats``: the command-line side of :mod:`difflab.metrics.evaluate`.
 
-    difflab eval --real DIR|STATS.npz --fake DIR [--metrics fid,kid,detect] [--json FILE]
+    difflab eval --real DIR|STATS.npz --fake DIR [--metrics fid,kid,pr,detect] [--json FILE]
     difflab fid-stats DIR [--out STATS.npz]
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real images: a folder, or a stats file from `difflab fid-stats`")
     parser.add_argument("--fake", required=True, metavar="DIR", help="folder of generated images")
     parser.add_argument("--metrics", default="fid,kid,detect",
-                        help="comma list of fid, kid, detect, accuracy (default fid,kid,detect; accuracy needs --run)")
+                        help="comma list of fid, kid, pr (improved precision/recall), detect, accuracy (default fid,kid,detect; "
+                             "accuracy needs --run)")
     parser.add_argument("--run", default=None, metavar="RUN",
                         help="for accuracy: the conditional run the images came from; a classifier trained once on its "
                              "labelled training data judges each image against the label its sampling record asked for")

@@ -1,7 +1,9 @@
 """``difflab sample``: 1.jpg ... N.jpg from a trained run, and the record of how they were made.
 
 The images folder holds the images alone (a homework submission folder must); the record is written
-beside it (:mod:`difflab.records`).
+beside it (:mod:`difflab.records`), one per shard (``--start``). Shards may write one folder at the same
+time, overlapping or not; a folder holding images of another sampling is refused before any work. How
+(atomic image files, records claimed under a lock on the folder) is :mod:`difflab.sample_sets`.
 """
 from __future__ import annotations
 
@@ -54,9 +56,10 @@ def run_sample(args: argparse.Namespace) -> int:
     from difflab.captions import condition_rows, requests
     from difflab.config import to_dict
     from difflab.edit.upscale import upscale_batches
-    from difflab.records import conditions, write_record
+    from difflab.records import conditions
+    from difflab.sample_sets import abandon, claim, finish
     from difflab.samplers import make_grid, sample_batches
-    from difflab.visualize.images import save_grid, save_numbered
+    from difflab.visualize.images import ImageFormat, save_grid, save_numbered
 
     grid_file = check_outputs(args)
     run = load_run_for(args)
@@ -79,29 +82,42 @@ def run_sample(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     denoiser = run.denoiser(args.clip, args.precision, args.compile, guidance=args.guidance,
                             guidance_interval=args.guidance_interval)
-    for idx, imgs in sample_batches(denoiser, total, run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
-                                    start=args.start, device=run.device, progress=not args.no_progress, **cond):
-        if stage is not None:  # the cascade's second stage, on this batch (image k keeps its index and seed)
-            sr_run, sr_denoiser, sr_cfg = stage
-            imgs = torch.cat([b for _, b in upscale_batches(
-                sr_denoiser, imgs, sr_run.config.upscale, sr_run.image_shape[1], sr_cfg, seed=args.seed, start=idx.start,
-                batch_size=args.batch_size, device=sr_run.device, progress=False)])
-        save_numbered(imgs, out, idx.start, args.format)
-        # the grid: the first 64 images, or the first `per_row` images of each request, one row each
-        kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if by_row else len(kept) < 64)]
-    seconds = time.monotonic() - t0
-    record = write_record(out, {
-        "run": str(run.path), "step": run.step, "n": total, "start": args.start, "seed": args.seed,
+    fmt = ImageFormat(args.format).value
+    # claim the images before writing any: refuses a folder holding another sampling's images (one line)
+    record_file, record, notes = claim(out, {
+        "run": str(run.path.resolve()), "step": run.step, "n": total, "start": args.start, "seed": args.seed,
         "weights": args.weights, "clip": args.clip, "precision": args.precision, "compile": args.compile,
-        "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value, "nfe_per_image": cfg.nfe(T), "seconds": seconds,
-        "guidance": args.guidance, "guidance_interval": args.guidance_interval,
+        "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value, "nfe_per_image": cfg.nfe(T), "seconds": None,
+        "guidance": args.guidance, "guidance_interval": args.guidance_interval, "format": fmt,
         "conditions": conditions(reqs, args.n, run.config.cond.schema),
-        "upscale": None if stage is None else {"run": str(stage[0].path), "step": stage[0].step, "sampler": to_dict(stage[2]),
-                                               "from_size": stage[0].config.upscale.from_size, "size": stage[0].image_shape[1]},
-    }, args.start)
+        "upscale": None if stage is None else {"run": str(stage[0].path.resolve()), "step": stage[0].step,
+                                               "sampler": to_dict(stage[2]), "from_size": stage[0].config.upscale.from_size,
+                                               "size": stage[0].image_shape[1]},
+    })
+    for note in notes:
+        print(f"note: {note}")
+    written = 0
+    try:
+        for idx, imgs in sample_batches(denoiser, total, run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
+                                        start=args.start, device=run.device, progress=not args.no_progress, **cond):
+            if stage is not None:  # the cascade's second stage, on this batch (image k keeps its index and seed)
+                sr_run, sr_denoiser, sr_cfg = stage
+                imgs = torch.cat([b for _, b in upscale_batches(
+                    sr_denoiser, imgs, sr_run.config.upscale, sr_run.image_shape[1], sr_cfg, seed=args.seed,
+                    start=idx.start, batch_size=args.batch_size, device=sr_run.device, progress=False)])
+            save_numbered(imgs, out, idx.start, fmt)
+            written += len(imgs)
+            # the grid: the first 64 images, or the first `per_row` images of each request, one row each
+            kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if by_row else len(kept) < 64)]
+    except BaseException:
+        if not written:
+            abandon(record_file, record)
+        raise
+    seconds = time.monotonic() - t0
+    finish(record_file, {**record, "seconds": seconds})
     if grid_file is not None:
         save_grid(torch.stack(kept), grid_file, nrow=per_row if by_row else None)
-    print(f"wrote {total} images to {out} in {seconds:.1f} s ({total / seconds:.1f} images/s); record: {record}"
+    print(f"wrote {total} images to {out} in {seconds:.1f} s ({total / seconds:.1f} images/s); record: {record_file}"
           + (f"; grid: {grid_file}" + (" (one row per condition)" if by_row else "") if grid_file else ""))
     return 0
 

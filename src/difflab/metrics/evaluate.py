@@ -5,11 +5,18 @@
 One pass over the generated folder decodes each image once and feeds both the Inception
 network and the detectors. The real folder's features and statistics come from the cache
 (see :mod:`difflab.metrics.features`) or are computed once and cached.
+
+The generated folder is listed once, and only whole images are listed (``difflab sample`` writes
+each under a hidden temporary name first, :mod:`difflab.sample_sets`), so it may be evaluated while
+shards still write it: when the sampling records beside it name images that are not there, or a
+record is not complete yet, one warning says so and the images present are scored. ``n_fake`` is how
+many were scored, ``n_fake_expected`` how many the records name (None: no records).
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,7 +27,7 @@ import torch
 
 from difflab.data.labels import LabelSchema
 from difflab.devices import resolve_device
-from difflab.errors import ConfigError, DataError, parse_choice
+from difflab.errors import ConfigError, DataError, DifflabWarning, parse_choice
 from difflab.metrics.detect import (
     DetectorKind,
     DetectProtocol,
@@ -32,6 +39,8 @@ from difflab.metrics.features import FolderScan, ReferenceStats, load_stats, ref
 from difflab.metrics.fid import fid_from_features, gaussian_stats
 from difflab.metrics.inception import InceptionFeatures, torch_threads
 from difflab.metrics.kid import kid
+from difflab.metrics.precision_recall import precision_recall
+from difflab.sample_sets import sample_set_status
 
 __all__ = [
     "EvalConfig",
@@ -42,9 +51,13 @@ __all__ = [
 ]
 
 
+PR_K = 3  # the paper's neighbourhood size
+
+
 class Metric(str, Enum):
     FID = "fid"
     KID = "kid"
+    PR = "pr"  # improved precision and recall (Kynkaanniemi et al. 2019): quality and coverage apart
     DETECT = "detect"
     ACCURACY = "accuracy"  # conditional runs: does each image show the label it was asked for
 
@@ -102,13 +115,13 @@ class EvalConfig:
         if not self.fake:
             raise ConfigError("--fake is required")
         if self.needs_inception and not self.real:
-            raise ConfigError("--real is required for fid and kid")
+            raise ConfigError("--real is required for fid, kid and pr")
         if Metric.ACCURACY in self.metrics and not self.run:
             raise ConfigError("--run is required for accuracy (the run's labelled data trains the classifier that judges)")
 
     @property
     def needs_inception(self) -> bool:
-        return Metric.FID in self.metrics or Metric.KID in self.metrics
+        return Metric.FID in self.metrics or Metric.KID in self.metrics or Metric.PR in self.metrics
 
 
 def _check_real(real: str) -> Path:
@@ -134,6 +147,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     scan = FolderScan(cfg.fake)  # fails fast on a missing or empty folder
+    # a folder from `difflab sample`: are all the images its records name here (it may still be written)?
+    try:
+        status = sample_set_status(scan.root, scan.files)
+    except DataError as e:  # a damaged record beside the folder does not stop the scores
+        warnings.warn(f"{e}; --fake not checked against its sampling records", DifflabWarning, stacklevel=2)
+        status = None
+    short = status.message(f"--fake {scan.root}", len(scan.files)) if status is not None else None
+    if short is not None:
+        warnings.warn(short, DifflabWarning, stacklevel=2)
     if cfg.real is not None and cfg.needs_inception:
         real = _check_real(cfg.real)
         if real.is_dir():
@@ -147,8 +169,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "fake": str(Path(cfg.fake).expanduser()), "real": cfg.real,
-        "fid": None, "kid_mean": None, "kid_std": None, "detect_rate": None, "accuracy": None,
-        "n_real": None, "n_fake": None,
+        "fid": None, "kid_mean": None, "kid_std": None, "precision": None, "recall": None, "detect_rate": None,
+        "accuracy": None,
+        "n_real": None, "n_fake": None, "n_fake_expected": None if status is None else status.expected,
     }
     judge = None
     if Metric.ACCURACY in cfg.metrics:
@@ -208,6 +231,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     "kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2 over random subsets",
                     "subsets": k.subsets, "subset_size": k.subset_size, "seed": cfg.seed, "std": "ddof=0",
                 }
+            if Metric.PR in cfg.metrics:
+                t = time.perf_counter()
+                pr = precision_recall(ref.features, fake_feats, k=PR_K)
+                result["precision"], result["recall"] = pr.precision, pr.recall
+                timings["pr_s"] = time.perf_counter() - t
+                protocol["pr"] = {"method": "Kynkaanniemi et al. 2019, k-NN balls on Inception pool features", "k": pr.k}
     if judge is not None:
         from difflab.records import expected_labels
 
@@ -237,7 +266,9 @@ def _fmt(v: Any, spec: str) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable summary that ``difflab eval`` prints."""
+    expected = result.get("n_fake_expected")
     rows = [("images", f"{_fmt(result.get('n_fake'), 'd')} generated"
+             + (f" (its sampling records name {expected})" if expected is not None and expected != result.get("n_fake") else "")
              + (f", {result['n_real']} real" if result.get("n_real") is not None else ""))]
     skipped = [f"{result[k]} {w}" for k, w in (("n_fake_skipped", "generated"), ("n_real_skipped", "real"))
                if result.get(k)]
@@ -247,6 +278,8 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append(("FID", _fmt(result["fid"], ".3f")))
     if result.get("kid_mean") is not None:
         rows.append(("KID", f"{result['kid_mean']:.5f} +- {result['kid_std']:.5f}"))
+    if result.get("precision") is not None:
+        rows.append(("precision / recall", f"{result['precision']:.4f} / {result['recall']:.4f} (k = {PR_K})"))
     for key, value in result.items():
         if key.startswith("detect_rate_") and key != "detect_rate_primary":
             rows.append((f"detect rate ({key[len('detect_rate_'):]})", f"{value:.4f}"))
