@@ -86,6 +86,7 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
     """The run's network with its EMA (default) or raw weights from the latest checkpoint, in eval mode."""
     weights = parse_choice(Weights, weights, "--weights")
     run = require_run(run_dir)
+    _refuse_gan_run(run)
     cfg = RunConfig.load(run / CONFIG)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
@@ -94,3 +95,18 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
     load_weights(model, ckpt.tensors(weights.value), ckpt.path / f"{weights.value}.safetensors", run / CONFIG)
     model = to_memory_format(model.to(device)).eval().requires_grad_(False)
     return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"])
+
+
+def _refuse_gan_run(run: Path) -> None:
+    """A GAN run (``difflab gan train``) has no noise schedule or denoiser: point to its own commands."""
+    import json
+
+    from difflab.gan.config import is_gan_config
+
+    try:
+        saved = json.loads((run / CONFIG).read_text())
+    except (OSError, ValueError):
+        return  # RunConfig.load names the problem
+    if isinstance(saved, dict) and is_gan_config(saved):
+        raise CheckpointError(f"--run {run} is a GAN run: sample it with `difflab gan sample --run {run}` "
+                              f"(and `difflab gan interpolate`)")

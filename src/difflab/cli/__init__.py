@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from difflab.cli import edit, evaluate, sample, train, visualize
+from difflab.cli import edit, evaluate, gan, sample, train, visualize
 from difflab.cli.common import EXIT_USAGE, Command, Parser
 from difflab.errors import DifflabError, DifflabWarning
 
@@ -29,7 +29,8 @@ __all__ = ["EXIT_USAGE", "build_parser", "commands", "main"]
 
 
 def commands() -> dict[str, Command]:
-    return {**train.COMMANDS, **sample.COMMANDS, **edit.COMMANDS, **evaluate.COMMANDS, **visualize.COMMANDS}
+    return {**train.COMMANDS, **sample.COMMANDS, **edit.COMMANDS, **evaluate.COMMANDS, **visualize.COMMANDS,
+            **gan.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
