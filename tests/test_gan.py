@@ -285,13 +285,20 @@ def test_cli_trains_resumes_samples_interpolates_and_evaluates(tmp_path, capsys,
     state = json.loads((run / "checkpoints" / "step-0000003" / "state.json").read_text())
     assert state["optim_g"]["param_groups"][0]["lr"] == state["optim_d"]["param_groups"][0]["lr"] == 1e-4
     assert GANConfig.load(run / "config.json").train.lr_g == 1e-4
+    # a requeued job runs its first command line again, with --resume: accepted; a real change is named
+    first = ["gan", "train", "--data", image_folder, "--image-size", 16, "--out", run, "--batch-size", 4, "--no-progress",
+             *extra, *TINY_NET]
+    code, out, err = cli(capsys, *first, "--resume", "--max-steps", 4, "--lr", 1e-4)
+    assert code == 0 and "trained to step 4" in out, err
+    code, out, err = cli(capsys, *first, "--resume", "--max-steps", 5, "--image-size", 32)
+    assert code == 2 and "data.image_size=32 (saved: 16)" in err
     trunc = ["--truncation", "0.7"] if kind == "stylegan" else []
     code, out, err = cli(capsys, "gan", "sample", "--run", run, "-n", 5, "--batch-size", 2, "--out", images,
                          "--no-progress", "--grid", tmp_path / "grid.png", *trunc)
     assert code == 0, err
     assert sorted(p.name for p in images.iterdir()) == [f"{k}.jpg" for k in range(1, 6)]
     record = json.loads((tmp_path / "submission.sampling.json").read_text())
-    assert record["n"] == 5 and record["step"] == 3 and record["nfe_per_image"] == (2 if kind == "ddgan" else 1)
+    assert record["n"] == 5 and record["step"] == 4 and record["nfe_per_image"] == (2 if kind == "ddgan" else 1)
     code, out, err = cli(capsys, "gan", "interpolate", "--run", run, "--out", tmp_path / "strip.png", "--rows", 2,
                          "--frames", 5, "--scale", 1)
     assert code == 0, err

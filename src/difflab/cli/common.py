@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from difflab.errors import ConfigError
 
@@ -210,3 +210,63 @@ def sampler_name(cfg: SamplerConfig, num_timesteps: int) -> str:
     if cfg.eta:
         name += f"-eta{cfg.eta:g}"
     return name + ("-trailing" if cfg.trailing else "")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Two data paths name the same file or folder (``../data`` and ``/work/data``, say)."""
+    if a == b:
+        return True
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+C = TypeVar("C")
+
+
+def resume_config(saved: C, flags: dict[str, Any], overrides: Sequence[str], *, toml: dict | None = None,
+                  named: Sequence[tuple[str, Any, Any]] = ()) -> C:
+    """The saved run config (any config dataclass) with this command line's training options applied,
+    for ``--resume``. The command may repeat the options the run was started with (a requeued job runs
+    the same line again); only a real change outside ``train.*`` is refused, in one line naming each
+    option with its saved and new value. ``flags`` are dotted keys given by flags, ``named`` are
+    (flag, given value or None, saved value) of choices such as --preset that are not config fields."""
+    from difflab.config import apply_overrides, to_dict
+
+    conflicts = [f"{flag} {new} (saved: {old})" for flag, new, old in named if new and new != old]
+    before = _flatten(to_dict(saved))
+    flags = dict(flags)
+    for key in ("data.source", "data.labels"):  # the same folder named another way is no change
+        if key in flags and key in before and _same_path(flags[key], before[key]):
+            flags[key] = before[key]
+    items: list[tuple[str, Any]] = [*flags.items(), *_flatten(toml or {}).items()]
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep:
+            apply_overrides(saved, [text])  # its one-line error about the form key=value
+        items.append((key.strip(), value.strip()))
+    cfg = saved
+    for key, value in items:
+        if key.startswith("train.") or key not in before:  # a training option, or an unknown key's own error
+            cfg = apply_overrides(cfg, {key: value})
+            continue
+        try:
+            new = _flatten(to_dict(apply_overrides(saved, {key: value})))[key]
+        except ConfigError:  # a value the saved run cannot take (another image size than its network's...)
+            new = value
+        if new != before[key]:
+            conflicts.append(f"{key}={new!r} (saved: {before[key]!r})")
+    if conflicts:
+        raise ConfigError("--resume continues the saved config; only train.* options may change, not: " + ", ".join(conflicts))
+    return cfg

@@ -22,6 +22,7 @@ from difflab.cli.common import (
     out_file,
     out_folder,
     positive_int,
+    resume_config,
 )
 from difflab.errors import ConfigError
 
@@ -62,7 +63,7 @@ def _train_flags(args: argparse.Namespace) -> dict:
 
 
 def run_gan_train(args: argparse.Namespace) -> int:
-    from difflab.config import apply_overrides, load_toml
+    from difflab.config import load_toml
     from difflab.gan.config import GANKind, resolve_gan_config
     from difflab.gan.sample import read_gan_config
     from difflab.gan.trainer import GANTrainer
@@ -74,14 +75,10 @@ def run_gan_train(args: argparse.Namespace) -> int:
     out_folder(args.out, "--out")
     flags = _train_flags(args)
     if args.resume:
-        cfg = read_gan_config(args.out, "--out")
-        changes = {k: v for k, v in flags.items() if v is not None and k.startswith("train.")}
-        bad = [k for k, v in flags.items() if v is not None and not k.startswith("train.")]
-        bad += [o for o in args.overrides if not o.startswith("train.")]
-        if bad or args.config or args.preset or args.kind:
-            raise ConfigError("--resume continues the saved config; only training options may change, "
-                              f"not {bad or '--config/--preset/--kind'}")
-        cfg = apply_overrides(apply_overrides(cfg, changes), args.overrides)
+        saved = read_gan_config(args.out, "--out")
+        cfg = resume_config(saved, {k: v for k, v in flags.items() if v is not None}, args.overrides,
+                            toml=load_toml(args.config) if args.config else None,
+                            named=[("--preset", args.preset, saved.preset), ("--kind", args.kind, saved.kind.value)])
     else:
         if not args.data:
             raise ConfigError("gan train: --data PATH|fashion-mnist is required")

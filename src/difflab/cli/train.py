@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from difflab.cli.common import Command, add_device_option, nonneg_float, out_folder, positive_int
+from difflab.cli.common import Command, add_device_option, nonneg_float, out_folder, positive_int, resume_config
 from difflab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -112,60 +112,12 @@ def _conditioned(cfg: RunConfig) -> RunConfig:
     return condition_model(cfg, schema, text_dim)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    """Two data paths name the same file or folder (``../data`` and ``/work/data``, say)."""
-    if a == b:
-        return True
-    try:
-        return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).samefile(b)
-    except OSError:
-        return False
-
-
 def _resume_config(saved: RunConfig, args: argparse.Namespace, overrides: list[str]) -> RunConfig:
-    """The saved config with this command line's training options applied. The command may repeat
-    the options the run was started with (a requeued job runs the same line again); only a real
-    change outside ``train.*`` is refused, naming each option with its saved and new value."""
-    from difflab.config import apply_overrides, load_toml, to_dict
+    from difflab.config import load_toml
 
-    conflicts = [f"{flag} {new} (saved: {old})" for flag, new, old in
-                 [("--preset", args.preset, saved.preset), ("--recipe", args.recipe, saved.recipe)] if new and new != old]
-    flags = {k: v for k, v in _train_flags(args).items() if v is not None}
-    before = _flatten(to_dict(saved))
-    for key in ("data.source", "data.labels"):  # the same folder named another way is no change
-        if key in flags and _same_path(flags[key], before[key]):
-            flags[key] = before[key]
-    toml = _flatten(load_toml(args.config)) if args.config else {}
-    items: list[tuple[str, Any]] = [*flags.items(), *toml.items()]
-    for text in overrides:
-        key, sep, value = text.partition("=")
-        if not sep:
-            apply_overrides(saved, [text])  # its one-line error about the form key=value
-        items.append((key.strip(), value.strip()))
-    cfg = saved
-    for key, value in items:
-        if key.startswith("train.") or key not in before:  # a training option, or an unknown key's own error
-            cfg = apply_overrides(cfg, {key: value})
-            continue
-        try:
-            new = _flatten(to_dict(apply_overrides(saved, {key: value})))[key]
-        except ConfigError:  # a value the saved run cannot take (another image size than its network's...)
-            new = value
-        if new != before[key]:
-            conflicts.append(f"{key}={new!r} (saved: {before[key]!r})")
-    if conflicts:
-        raise ConfigError("--resume continues the saved config; only train.* options may change, not: " + ", ".join(conflicts))
-    return cfg
+    return resume_config(saved, {k: v for k, v in _train_flags(args).items() if v is not None}, overrides,
+                         toml=load_toml(args.config) if args.config else None,
+                         named=[("--preset", args.preset, saved.preset), ("--recipe", args.recipe, saved.recipe)])
 
 
 def run_train(args: argparse.Namespace) -> int:
