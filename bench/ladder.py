@@ -10,11 +10,14 @@ themselves; their Inception features take ~30 CPU-minutes here, 5000 take ~6 and
 mean and covariance; the floor row is measured against the same 5000.)
 
 Each rung is ``name`` (a recipe) or ``label=recipe+key=value+key=value`` (a recipe with overrides, for
-objective candidates). Stages are kept when the command runs again: a run that reached its minutes, a
-sampled folder, a scored folder. ``--minutes 20,60`` trains each rung 20 minutes, scores it, then
+objective candidates); a GAN rung (issue 18) names ``gan:stylegan`` or ``gan:ddgan`` as its recipe
+(``difflab gan train --kind ...``, its ``small`` preset; sampled with ``difflab gan sample``).
+Stages are kept when the command runs again: a run that reached its minutes, a sampled folder, a
+scored folder. ``--minutes 20,60`` trains each rung 20 minutes, scores it, then
 resumes the same run to 60 minutes in total (a copy, so the 20-minute run stays) and scores that.
 
     python bench/ladder.py --minutes 20 --rungs hw-simple,hw-medium,hw-strong,best --out runs/ladder
+    python bench/ladder.py --minutes 20 --rungs best,hw-strong,stylegan=gan:stylegan,ddgan=gan:ddgan --out runs/ladder
 
 Training runs one at a time and nothing else should run beside it (the budget is wall-clock minutes).
 Last line: ``best_fid_20min=... best_fid_60min=...`` (the lowest FID among the rungs at each budget).
@@ -78,18 +81,25 @@ def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: flo
     done = run / "ladder-trained.json"
     if done.exists():
         return
+    gan = recipe.startswith("gan:")
+    command = ["gan", "train"] if gan else ["train"]
     if resume_from is not None:  # continue the shorter run, in a copy
         if run.exists():
             shutil.rmtree(run)
         shutil.copytree(resume_from, run, ignore=shutil.ignore_patterns("faces", "ladder-*", "grid.png"))
         extra = minutes - json.loads((resume_from / "ladder-trained.json").read_text())["minutes"]
-        difflab_cli("train", "--out", str(run), "--resume", "--minutes", str(extra), "--no-progress")
+        difflab_cli(*command, "--out", str(run), "--resume", "--minutes", str(extra), "--no-progress")
     else:
         if run.exists():
             shutil.rmtree(run)  # an unfinished run: its minutes are spoilt, start again
-        difflab_cli("train", "--recipe", recipe, "--data", str(data), "--image-size", "32", "--minutes", str(minutes),
+        what = ["--kind", recipe[4:]] if gan else ["--recipe", recipe]
+        difflab_cli(*command, *what, "--data", str(data), "--image-size", "32", "--minutes", str(minutes),
                     "--out", str(run), "--no-progress", "train.max_steps=1000000", *overrides)
     done.write_text(json.dumps({"minutes": minutes, **log_steps(run)}) + "\n")
+
+
+def is_gan(run: Path) -> bool:
+    return json.loads((run / "config.json").read_text()).get("family") == "gan"
 
 
 def sample(run: Path, n: int) -> Path:
@@ -98,16 +108,18 @@ def sample(run: Path, n: int) -> Path:
     if not record.exists():
         if faces.exists():
             shutil.rmtree(faces)
-        difflab_cli("sample", "--run", str(run), "-n", str(n), "--out", str(faces), "--seed", "0",
-                    "--grid", str(run / "grid.png"), "--no-progress")
+        for stale in run.glob("faces.sampling*.json"):
+            stale.unlink()
+        difflab_cli(*(["gan", "sample"] if is_gan(run) else ["sample"]), "--run", str(run), "-n", str(n), "--out",
+                    str(faces), "--seed", "0", "--grid", str(run / "grid.png"), "--no-progress")
         record.write_text((run / "faces.sampling.json").read_text())  # difflab sample's record, beside the folder
     return faces
 
 
 def score(run: Path, faces: Path, real: Path, label: str) -> dict:
     out = run / "ladder-eval.json" if label != "floor" else run / "floor-eval.json"
-    if not out.exists():
-        difflab_cli("eval", "--real", str(real), "--fake", str(faces), "--metrics", "fid,kid,detect",
+    if not out.exists() or json.loads(out.read_text()).get("precision") is None:  # scored before pr was measured
+        difflab_cli("eval", "--real", str(real), "--fake", str(faces), "--metrics", "fid,kid,pr,detect",
                     "--detectors", "lbp,animeface", "--json", str(out), "--no-progress")
     return json.loads(out.read_text())
 
@@ -139,7 +151,7 @@ def main() -> None:
     budgets = [float(m) for m in args.minutes.split(",")]
     train_dir, held, real = split(out, Path(args.data))
     floor = score(out, held, real, "floor") if args.stage == "all" else None
-    rows = [("real (kept-out faces)", "-", "-", "-", floor)]
+    rows = [("real (kept-out faces)", "-", "-", "-", {**floor, "images_per_s": float("nan")} if floor else floor)]
     best: dict[float, float] = {}
     for budget in budgets:  # every rung at one budget before the next budget
         for text in args.rungs.split(","):
@@ -153,18 +165,24 @@ def main() -> None:
             figures(run, Path(args.results), f"{label}-{budget:g}")
             cfg = json.loads((run / "config.json").read_text())
             sampled = json.loads((run / "ladder-sampled.json").read_text())
-            s = cfg["sampler"]
-            name = f"{s['sampler']}-{sampled['nfe_per_image']}" + (f"-eta{s['eta']:g}" if s["sampler"] == "ddim" else "")
+            if cfg.get("family") == "gan":
+                name = f"{cfg['kind']}-{sampled['nfe_per_image']}"
+            else:
+                s = cfg["sampler"]
+                name = f"{s['sampler']}-{sampled['nfe_per_image']}" + (f"-eta{s['eta']:g}" if s["sampler"] == "ddim" else "")
             steps = json.loads((run / "ladder-trained.json").read_text()).get("step", "?")
+            res = {**res, "images_per_s": sampled["n"] / sampled["seconds"] if sampled.get("seconds") else float("nan")}
             rows.append((label, f"{budget:g}", str(steps), name, res))
             best[budget] = min(best.get(budget, float("inf")), res["fid"])
     if args.stage == "train":
         return
-    print("\n| rung | minutes | steps | sampler | FID | KID x1000 | detect lbp | detect animeface |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print("\n| rung | minutes | steps | sampler | FID | KID x1000 | precision | recall | detect lbp | detect animeface "
+          "| images/s sampling |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, minutes, steps, name, r in rows:
         print(f"| {label} | {minutes} | {steps} | {name} | {r['fid']:.1f} | {1000 * r['kid_mean']:.1f} | "
-              f"{r['detect_rate_lbp']:.3f} | {r['detect_rate_animeface']:.3f} |")
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['detect_rate_lbp']:.3f} | {r['detect_rate_animeface']:.3f} "
+              f"| {r['images_per_s']:.1f} |")
     print(" ".join(f"best_fid_{b:g}min={best[b]:.1f}" for b in budgets))
 
 
