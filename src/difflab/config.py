@@ -20,6 +20,7 @@ from typing import Any
 
 from difflab.conditioning import CondConfig, TextMode
 from difflab.data.augment import AugmentConfig
+from difflab.data.decode import _shown
 from difflab.data.labels import LabelSchema
 from difflab.errors import ConfigError, parse_choice
 from difflab.models.presets import PRESETS as MODEL_PRESETS
@@ -208,9 +209,10 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, or an int of > 4300 digits
             raise ConfigError(f"cannot read run config {path}: {e}") from None
+        return cls.from_dict(data)
 
 
 # -- generic dataclass <-> dict, driven by type hints --------------------------------------
@@ -244,9 +246,24 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, Enum):
         return parse_choice(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return _check_number(float, value, where)
     if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where} must be of type {tp.__name__}, got {value!r}")
+    return _check_number(tp, value, where) if tp in (int, float) else value
+
+
+#: Integer options are 64-bit (as in TOML), so that every option fits a tensor and a float.
+_INT_RANGE = 2**63
+
+
+def _check_number(tp: type, value: int | float, where: str) -> int | float:
+    """``value`` as ``tp``; ConfigError for NaN and for integers beyond 64 bits."""
+    if isinstance(value, int) and not -_INT_RANGE <= value < _INT_RANGE:
+        raise ConfigError(f"{where}: the integer of {len(str(abs(value)))} digits is out of range (at most 2**63 - 1)")
+    if tp is float:
+        value = float(value)
+        if value != value:
+            raise ConfigError(f"{where} must be a number, got nan")
     return value
 
 
@@ -257,7 +274,7 @@ def from_dict(cls: type, d: Any, where: str = "config") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
     if unknown:
-        raise ConfigError(f"unknown option {where}.{unknown[0]}; valid: {', '.join(names)}")
+        raise ConfigError(f"unknown option {where}.{_shown(str(unknown[0]))}; valid: {', '.join(names)}")
     return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()})
 
 
@@ -272,7 +289,7 @@ def parse_override_value(tp: Any, text: str, where: str) -> Any:
         if text.lstrip().startswith("["):  # a JSON list: items may hold commas and spaces
             try:
                 items = json.loads(text)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an int of > 4300 digits
                 raise ConfigError(f"{where}: not a JSON list: {e}") from None
             return _coerce(tp, items, where)
         parts = [p.strip() for p in text.split(",") if p.strip()]  # a,b,c (spaces around items dropped)
@@ -286,9 +303,10 @@ def parse_override_value(tp: Any, text: str, where: str) -> Any:
         raise ConfigError(f"{where} takes true or false, got {text!r}")
     if tp in (int, float):
         try:
-            return tp(float(text)) if tp is int and float(text).is_integer() else tp(text)
+            number = tp(float(text)) if tp is int and float(text).is_integer() else tp(text)
         except ValueError:
             raise ConfigError(f"{where} takes a number, got {text!r}") from None
+        return _check_number(tp, number, where)
     if isinstance(tp, type) and issubclass(tp, Enum):
         return parse_choice(tp, text, where)
     return text
@@ -343,6 +361,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"--config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config file {path} is a folder, not a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"--config file {path} is not valid TOML: nested too deeply") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"--config file {path} is not valid TOML: {e}") from None
 
@@ -376,12 +400,13 @@ def resolve_config(
     raw = to_dict(base)
     rec = get_recipe(recipe) if recipe else None
     name = preset or (toml or {}).get("preset") or (rec.preset if rec else base.preset)
-    if name not in MODEL_PRESETS:
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
         raise ConfigError(f"unknown --preset {name!r}; choose one of {', '.join(preset_names())}")
     raw["model"] = to_dict(MODEL_PRESETS[name])
     raw["train"].update(PRESET_TRAINING.get(name, {}))
     raw["preset"] = name
-    sampler_given = set((toml or {}).get("sampler") or {})  # sampler options someone named
+    toml_sampler = (toml or {}).get("sampler")
+    sampler_given = set(toml_sampler) if isinstance(toml_sampler, Mapping) else set()  # sampler options someone named
     if rec is not None:
         raw["recipe"] = rec.name
         sampler_given |= {k.split(".", 1)[1] for k in _set_overrides(raw, rec.overrides) if k.startswith("sampler.")}
@@ -392,6 +417,7 @@ def resolve_config(
             raw[section] = _merge(raw[section], values)
         else:
             raw[section] = values
+    _check_sections(raw)
     for key, value in (flags or {}).items():
         if value is not None:
             sec, name_ = key.split(".", 1)
@@ -424,12 +450,35 @@ def _set_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any]) -> s
     keys = set()
     for key, value in _items(overrides):
         path = key.split(".")
+        new = to_dict(_parse(_leaf_type(RunConfig, path, key), value, key))  # checks the path before it is walked
         node = raw
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = to_dict(_parse(_leaf_type(RunConfig, path, key), value, key))
+        node[path[-1]] = new
         keys.add(key)
     return keys
+
+
+def _check_sections(raw: dict) -> None:
+    """The raw config after the TOML file is merged in, checked before :func:`resolve_config` derives
+    the network from it: each section a table of known options, each option of its field's type
+    (ConfigError naming it). :func:`from_dict` checks the values and the nested tables later."""
+    hints = _hints(RunConfig)
+    for section, values in raw.items():
+        tp, where = hints.get(section), f"config.{section}"
+        if tp is None:
+            continue  # from_dict names unknown sections
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            _coerce(tp, values, where)
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where} must be a table of options, got {values!r}")
+        names, types = [f.name for f in dataclasses.fields(tp)], _hints(tp)
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"unknown option {where}.{_shown(str(key))}; valid: {', '.join(names)}")
+            if not dataclasses.is_dataclass(types[key]):
+                _coerce(types[key], value, f"{where}.{key}")
 
 
 def _check_image_size(size: Any, model: dict, preset: str) -> None:
@@ -462,10 +511,10 @@ def _resize_model(model: dict, size: int) -> dict:
     """The model dict at another image size, with attention kept at the same levels (a preset
     names attention by feature-map size, which moves with the image size)."""
     old = model["image_size"]
-    if old == size:
+    if old == size or old < 1 or size < 1:  # nothing to move, or a size that from_dict refuses
         return model
-    def remap(resolutions):
-        return [size // (old // r) for r in resolutions if old % r == 0]
+    def remap(resolutions):  # sizes < 1 are kept for UNetConfig to refuse
+        return [size // (old // r) if r >= 1 else r for r in resolutions if r < 1 or old % r == 0]
     return {
         **model,
         "image_size": size,

@@ -41,12 +41,19 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# what a failing write looks like (the body of atomic_path may also read or download: those errors pass)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success fsync it and rename it over ``target``.
 
-    On any exception the temporary file is removed and ``target`` is untouched; an ``OSError``
-    (ENOSPC, EFBIG, EACCES, EROFS, ...) becomes one :class:`~difflab.errors.OutputError` naming ``target``.
+    On any exception the temporary file is removed and ``target`` is untouched. A failing write
+    becomes one :class:`~difflab.errors.OutputError` naming ``target``: any ``OSError`` of creating,
+    syncing or renaming the file (ENOSPC, EFBIG, EACCES, EROFS, ...), and the body's own ``OSError``
+    when it is a full disk, a file size limit, a quota or a read-only file system; the body's other
+    errors (a download that fails, a file it reads) pass unchanged.
     """
     target = Path(target)
     try:
@@ -57,17 +64,23 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-        fsync_dir(target.parent)
-    except OSError as e:  # disk full, file too large, no permission, read-only: one line, target untouched
-        raise OutputError(f"could not write {target}: {e.strerror or e}") from None
+        try:
+            yield tmp_path
+        except OSError as e:
+            if e.errno in _WRITE_ERRNOS:
+                raise OutputError(f"could not write {target}: {e.strerror or e}") from None
+            raise
+        try:
+            # mkstemp creates 0600 files; give the result the permissions a plain open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, target)
+            fsync_dir(target.parent)
+        except OSError as e:  # no permission, read-only, full: one line, target untouched
+            raise OutputError(f"could not write {target}: {e.strerror or e}") from None
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink()

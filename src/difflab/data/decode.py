@@ -19,7 +19,9 @@ Decoding rules (shared by every loader, so a folder always means the same pixels
 from __future__ import annotations
 
 import os
+import stat
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from struct import error as struct_error
 
@@ -55,31 +57,53 @@ def _check_size(size: object, what: str = "image_size") -> int:
 # decoding one file
 
 
+#: Elements per block of :func:`_to_8bit_gray`'s float64 arithmetic (8 MiB): a large image costs no
+#: full-size float64 copies (an image at Pillow's pixel limit would take gigabytes of them).
+_GRAY_BLOCK = 1 << 20
+
+
+def _float_blocks(flat: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float64 copy) of each block of ``flat``, with NaN and infinities made 0."""
+    for start in range(0, flat.size, _GRAY_BLOCK):
+        with np.errstate(invalid="ignore"):  # a signalling NaN in a float image
+            block = flat[start:start + _GRAY_BLOCK].astype(np.float64)
+        yield start, np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _to_8bit_gray(img: Image.Image) -> Image.Image:
     """Map a 16-bit, 32-bit integer or float gray image to mode ``L``.
 
     ``I;16*``: divided by 257 (65535 -> 255). ``I`` and ``F`` carry no declared range, so:
     values already within 0..255 are kept; ``I`` within 0..65535 is treated as 16-bit;
     ``F`` within 0..1 is scaled by 255; anything else is min-max stretched to 0..255.
+    NaN and infinities count as 0.
     """
     a = np.asarray(img)
     mode = img.mode
-    if mode.startswith("I;16"):
-        a = a.astype(np.float64) / 257.0
-    else:
-        a = a.astype(np.float64)
-        if not np.all(np.isfinite(a)):
-            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if lo >= 0.0 and hi <= 255.0 and not (mode == "F" and hi <= 1.0):
+    flat = a.reshape(-1)
+    lo, hi = 0.0, 0.0
+    if flat.size and not mode.startswith("I;16"):
+        ranges = [(float(b.min()), float(b.max())) for _, b in _float_blocks(flat)]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+    def scale(b: np.ndarray) -> None:  # in place, the same arithmetic on every block
+        if mode.startswith("I;16"):
+            b /= 257.0
+        elif lo >= 0.0 and hi <= 255.0 and not (mode == "F" and hi <= 1.0):
             pass
         elif mode == "I" and lo >= 0.0 and hi <= 65535.0:
-            a = a / 257.0
+            b /= 257.0
         elif mode == "F" and lo >= 0.0 and hi <= 1.0:
-            a = a * 255.0
+            b *= 255.0
         else:
-            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> "L"
+            b -= lo
+            b *= 255.0 / (hi - lo) if hi > lo else 0.0
+
+    out = np.empty(flat.shape, dtype=np.uint8)
+    for start, block in _float_blocks(flat):
+        scale(block)
+        out[start:start + block.size] = np.clip(np.rint(block, out=block), 0, 255, out=block)
+    return Image.fromarray(out.reshape(a.shape))  # 2-D uint8 -> "L"
 
 
 def _has_transparency(img: Image.Image) -> bool:
@@ -109,8 +133,18 @@ def _decode(path: str | os.PathLike[str], channels: int,
     image size; otherwise None.
     """
     path = Path(path)
+    name = _shown(path)
     try:
+        # A FIFO (or a device) named like an image would block the open() below for ever.
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(mode):
+            raise BadImageError(f"{name}: not a regular file (a pipe, socket or device)")
         with warnings.catch_warnings():
+            # Pillow warns (UserWarning) about damaged metadata of images it still decodes; the
+            # pixels are what counts here, and bad EXIF is ignored anyway (see _orientation).
+            warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 content: tuple[float, float] | None = None
@@ -120,7 +154,7 @@ def _decode(path: str | os.PathLike[str], channels: int,
                         content = (drafted[1][2], drafted[1][3])
                 im.load()  # full decode: truncated or corrupt data fails here
                 if im.width == 0 or im.height == 0:
-                    raise BadImageError(f"{path}: image has zero width or height")
+                    raise BadImageError(f"{name}: image has zero width or height")
                 img: Image.Image = im
                 if _orientation(im) in (2, 3, 4, 5, 6, 7, 8):
                     img = ImageOps.exif_transpose(im)
@@ -130,22 +164,36 @@ def _decode(path: str | os.PathLike[str], channels: int,
     except BadImageError:
         raise
     except FileNotFoundError:
-        raise BadImageError(f"{path}: file not found") from None
+        raise BadImageError(f"{name}: file not found") from None
     except IsADirectoryError:
-        raise BadImageError(f"{path}: is a folder, not an image") from None
+        raise BadImageError(f"{name}: is a folder, not an image") from None
     except PermissionError:
-        raise BadImageError(f"{path}: permission denied") from None
+        raise BadImageError(f"{name}: permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"{path}: too many pixels, refused as a possible decompression bomb ({e})") from None
+        raise BadImageError(f"{name}: too many pixels, refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
         empty = _is_empty(path)
         reason = "empty file" if empty else "not an image Pillow can read"
-        raise BadImageError(f"{path}: {reason}") from None
+        raise BadImageError(f"{name}: {reason}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct_error, MemoryError) as e:
-        text = str(e).strip() or type(e).__name__
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        text = " ".join(text.split()) or type(e).__name__  # one line
         if "truncated" in text:
             text = "truncated file (" + text + ")"
-        raise BadImageError(f"{path}: cannot decode: {text}") from None
+        raise BadImageError(f"{name}: cannot decode: {text}") from None
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as printable text on one line: bytes that are not UTF-8 as ``\\xff``, line breaks and
+    other control characters as Python escapes (``\\n``); other paths unchanged."""
+    text = os.fspath(path)
+    if text.isprintable():
+        return text
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte: escaped below
+        pass
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _orientation(im: Image.Image) -> int:
@@ -169,7 +217,8 @@ def open_image(path: str | os.PathLike[str], channels: int = 3) -> Image.Image:
     """Fully decode ``path`` to a Pillow image of mode ``RGB`` (channels=3) or ``L`` (channels=1).
 
     See the module docstring for the conversion rules. Raises :class:`BadImageError` (one line,
-    naming the file) for a missing, empty, truncated, corrupt or non-image file, or one larger
+    naming the file, with bytes that are not UTF-8 and control characters escaped) for a missing,
+    empty, truncated, corrupt or non-image file, a FIFO or device (never opened), or one larger
     than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb warning is treated as an
     error here, inside a ``warnings.catch_warnings`` block; no global setting is changed).
     """

@@ -25,7 +25,7 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from difflab.data.decode import BadImageError, _check_channels, _check_size, _decode, _resize_box
+from difflab.data.decode import BadImageError, _check_channels, _check_size, _decode, _resize_box, _shown
 from difflab.errors import ConfigError, DataError, DifflabWarning
 from difflab.io import atomic_path, atomic_write_json, cache_dir
 
@@ -66,9 +66,9 @@ def _find(root: Path) -> list[tuple[str, str]]:
     Plain strings, not Paths: this runs for every file of a folder on every (cached) load.
     """
     if not root.exists():
-        raise DataError(f"image folder {root} does not exist")
+        raise DataError(f"image folder {_shown(root)} does not exist")
     if not root.is_dir():
-        raise DataError(f"{root} is not a folder of images")
+        raise DataError(f"{_shown(root)} is not a folder of images")
     top = os.fspath(root)
     found: list[tuple[str, str]] = []
     seen: set[tuple[int, int]] = set()
@@ -125,7 +125,7 @@ def _decode_chunk(paths: list[str], image_size: int, channels: int) -> tuple[np.
             out[i] = _load_array(p, image_size, channels)
         except BadImageError as e:
             reason = str(e)
-            prefix = f"{p}: "
+            prefix = f"{_shown(p)}: "
             bad.append((i, reason[len(prefix):] if reason.startswith(prefix) else reason))
     return out, bad
 
@@ -241,10 +241,10 @@ def warn_skipped(root: str | os.PathLike[str], skipped: Sequence[tuple[str, str]
     """
     if not skipped:
         return
-    named = "; ".join(f"{p} ({r})" for p, r in skipped[:_WARN_NAMES])
+    named = "; ".join(f"{_shown(p)} ({r})" for p, r in skipped[:_WARN_NAMES])
     more = f"; and {len(skipped) - _WARN_NAMES} more" if len(skipped) > _WARN_NAMES else ""
     warnings.warn(
-        f"skipped {len(skipped)} of {total} image files in {root} that could not be decoded: {named}{more}",
+        f"skipped {len(skipped)} of {total} image files in {_shown(root)} that could not be decoded: {named}{more}",
         SkippedImagesWarning,
         stacklevel=stacklevel + 1,
     )
@@ -311,7 +311,7 @@ def load_folder(
     given = Path(root).expanduser()
     found = _find(given)
     if not found:
-        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {given}")
+        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {_shown(given)}")
     rels: list[str] = []
     files: list[str] = []
     stats: list[os.stat_result] = []
@@ -340,15 +340,15 @@ def load_folder(
         arr, bad = _decode_all(files, image_size, channels, progress=progress, workers=workers,
                                desc=f"decoding {given.name or given}")
     except concurrent.futures.process.BrokenProcessPool:
-        raise DataError(f"a decoding process died while reading {given} (out of memory, or a file "
+        raise DataError(f"a decoding process died while reading {_shown(given)} (out of memory, or a file "
                         "crashed the image decoder); retry with one worker to find the file") from None
     ok = np.ones(len(files), dtype=bool)
     for i, _ in bad:
         ok[i] = False
     skipped = tuple((rels[i], reason) for i, reason in bad)
     if not ok.any():
-        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise DataError(f"none of the {len(files)} image files in {given} could be decoded{first}")
+        first = f" (first: {_shown(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
+        raise DataError(f"none of the {len(files)} image files in {_shown(given)} could be decoded{first}")
     if not ok.all():
         arr = arr[ok]
     result = FolderImages(

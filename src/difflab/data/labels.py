@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from difflab.data.decode import _shown
 from difflab.data.images import _WARN_NAMES
 from difflab.errors import ConfigError, DataError, DifflabWarning
 
@@ -58,9 +59,9 @@ _DECIMAL = re.compile(r"[0-9]+")
 
 
 def _listing(items: Sequence[str], limit: int = _WARN_NAMES) -> str:
-    """``"a, b, c; and 4 more"``: the first ``limit`` items, then a count."""
+    """``"a, b, c; and 4 more"``: the first ``limit`` items (each on one line, see ``_shown``), then a count."""
     more = f"; and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+    return ", ".join(_shown(item) for item in items[:limit]) + more
 
 
 def _warn(message: str) -> None:
@@ -72,8 +73,14 @@ def _sorted_names(names: Iterable[str]) -> tuple[str, ...]:
     """Distinct names in index order: by value when all are decimal integers, else string order."""
     unique = set(names)
     if unique and all(_DECIMAL.fullmatch(n) for n in unique):
-        return tuple(sorted(unique, key=lambda n: (int(n), n)))
+        return tuple(sorted(unique, key=_decimal_key))
     return tuple(sorted(unique))
+
+
+def _decimal_key(n: str) -> tuple[int, str, str]:
+    """Sorts decimal strings by value without int() (which refuses more than 4300 digits)."""
+    digits = n.lstrip("0")
+    return len(digits), digits, n
 
 
 def _name_problem(name: str) -> str | None:
@@ -84,6 +91,8 @@ def _name_problem(name: str) -> str | None:
         return "has surrounding spaces"
     if any(unicodedata.category(c) == "Cc" for c in name):
         return "contains a control character (tab, line break)"
+    if any(unicodedata.category(c) == "Cs" for c in name):
+        return "is not valid UTF-8 text"
     if "," in name:
         return f"contains ',' (which separates the parts of {_FLAG})"
     return None
@@ -170,7 +179,7 @@ class LabelSchema:
         i = _lookup(names, value)
         if i is not None:
             return i
-        if _DECIMAL.fullmatch(value) and int(value) < len(names):
+        if _DECIMAL.fullmatch(value) and len(value.lstrip("0")) <= len(str(len(names))) and int(value) < len(names):
             return int(value)
         valid = _listing(names, _LIST_NAMES)
         raise ConfigError(f"unknown {self.attributes[a]} {value!r}; choose one of {valid} (or an index 0..{len(names) - 1})")
@@ -212,7 +221,8 @@ class LabelSchema:
             elif len(self.attributes) == 1:
                 a, value = 0, part
             else:
-                raise fail(f"say which attribute {part!r} is for, as {' or '.join(f'{n}={part}' for n in self.attributes)}")
+                choices = " or ".join(_shown(f"{n}={part}") for n in self.attributes)
+                raise fail(f"say which attribute {part!r} is for, as {choices}")
             if row[a] != -1:
                 raise fail(f"gives {self.attributes[a]} more than once")
             try:
@@ -325,24 +335,24 @@ def folder_labels(paths: Sequence[str], root: str | os.PathLike[str]) -> Labels:
     warning; a class with a single image gets one warning; fewer than 2 classes is a DataError.
     """
     if not paths:
-        raise DataError(f"{os.fspath(root)}: no images to label")
+        raise DataError(f"{_shown(root)}: no images to label")
     classes: list[str | None] = [p.split("/", 1)[0] if "/" in p else None for p in paths]
     loose = [p for p, c in zip(paths, classes) if c is None]
     found = _sorted_names(c for c in classes if c is not None)
     for c in found:
         problem = _name_problem(c)
         if problem:
-            raise DataError(f"{os.fspath(root)}: class folder {c!r} {problem}; rename it")
+            raise DataError(f"{_shown(root)}: class folder {c!r} {problem}; rename it")
     if len(found) < 2:
         what = f"found only {found[0]!r}" if found else "found none"
-        raise DataError(f"{os.fspath(root)}: class labels need images in at least 2 class sub-folders, {what}")
+        raise DataError(f"{_shown(root)}: class labels need images in at least 2 class sub-folders, {what}")
     if loose:
-        _warn(f"{os.fspath(root)}: {len(loose)} of {len(paths)} images lie directly in the folder, not in a class "
+        _warn(f"{_shown(root)}: {len(loose)} of {len(paths)} images lie directly in the folder, not in a class "
               f"sub-folder, and are left out: {_listing(loose)}")
     counts = Counter(c for c in classes if c is not None)
     single = [f"{c!r} ({p})" for p, c in zip(paths, classes) if c is not None and counts[c] == 1]
     if single:
-        _warn(f"{os.fspath(root)}: {len(single)} classes have a single image (a class cannot be learned from one image): "
+        _warn(f"{_shown(root)}: {len(single)} classes have a single image (a class cannot be learned from one image): "
               f"{_listing(single)}")
     schema = LabelSchema(attributes=("class",), classes=(found,))
     position = {c: i for i, c in enumerate(found)}

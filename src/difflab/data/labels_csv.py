@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from difflab.data.decode import _shown
 from difflab.data.images import IMAGE_EXTENSIONS
 from difflab.data.labels import Labels, LabelSchema, _labels, _listing, _name_problem, _sorted_names, _warn
 from difflab.errors import DataError
@@ -39,7 +40,7 @@ class _Row:
 def _read_csv(path: Path) -> tuple[int, list[str], list[_Row]]:
     """The header's line and names, and the data rows (stripped cells, with their 1-based line numbers), checked for
     shape: the header, field counts, empty cells and columns."""
-    name = os.fspath(path)
+    name = _shown(path)
     if not path.exists():
         raise DataError(f"label file {name} does not exist")
     if not path.is_file():
@@ -154,7 +155,7 @@ def csv_labels(csv_path: str | os.PathLike[str], paths: Sequence[str]) -> Labels
     single image each give one warning; malformed files raise DataError naming file and line.
     """
     path = Path(csv_path).expanduser()
-    name = os.fspath(path)
+    name = _shown(path)
     header_line, header, rows = _read_csv(path)
     if not paths:
         raise DataError(f"{name}: no images to label")
