@@ -208,11 +208,16 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, or an int of > 4300 digits
-            raise ConfigError(f"cannot read run config {path}: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(path))
+
+
+def read_config_json(path: str | Path) -> Any:
+    """A run's config.json as parsed JSON, or one ConfigError (unreadable, not UTF-8, not JSON, nested
+    too deeply, or an integer of more than 4300 digits)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, or a huge int
+        raise ConfigError(f"cannot read run config {path}: {e}") from None
 
 
 # -- generic dataclass <-> dict, driven by type hints --------------------------------------

@@ -99,13 +99,13 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
 
 def _refuse_gan_run(run: Path) -> None:
     """A GAN run (``difflab gan train``) has no noise schedule or denoiser: point to its own commands."""
-    import json
-
+    from difflab.config import read_config_json
+    from difflab.errors import ConfigError
     from difflab.gan.config import is_gan_config
 
     try:
-        saved = json.loads((run / CONFIG).read_text())
-    except (OSError, ValueError):
+        saved = read_config_json(run / CONFIG)
+    except ConfigError:
         return  # RunConfig.load names the problem
     if isinstance(saved, dict) and is_gan_config(saved):
         raise CheckpointError(f"--run {run} is a GAN run: sample it with `difflab gan sample --run {run}` "

@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from difflab.config import DataConfig, _merge, apply_overrides, from_dict, to_dict
+from difflab.config import DataConfig, _merge, apply_overrides, from_dict, read_config_json, to_dict
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
 from difflab.gan.diffaug import OPS as DIFFAUG_OPS
@@ -174,10 +174,7 @@ class GANConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GANConfig:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read run config {path}: {e}") from None
+        return cls.from_dict(read_config_json(path))
 
 
 def is_gan_config(d: Mapping[str, Any]) -> bool:

@@ -11,7 +11,6 @@ apply.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from difflab.config import read_config_json
 from difflab.devices import resolve_device
 from difflab.errors import CheckpointError, ConfigError
 from difflab.gan import ddgan
@@ -65,10 +65,7 @@ class LoadedGAN:
 
 def read_gan_config(run_dir: str | os.PathLike[str], flag: str = "--run") -> GANConfig:
     run = require_run(run_dir, flag)
-    try:
-        raw = json.loads((run / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{flag} {run_dir}: {CONFIG} is unreadable ({e})") from None
+    raw = read_config_json(run / CONFIG)
     if not isinstance(raw, dict) or not is_gan_config(raw):
         raise CheckpointError(f"{flag} {run_dir} is a diffusion run, not a GAN run (difflab train and difflab sample "
                               "handle those)")
