@@ -223,6 +223,23 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, kind):
     assert saved == cfg and json.loads((tmp_path / "straight" / "config.json").read_text())["family"] == "gan"
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """As for diffusion runs: the truncated newest checkpoint is named in one warning and set aside, the
+    previous one resumes, and the run ends equal to the uninterrupted one."""
+    from difflab.errors import DifflabWarning
+
+    cfg, data = tiny_cfg("stylegan", "train.keep_checkpoints=5"), synthetic()
+    GANTrainer(cfg, tmp_path / "straight", data=data, progress=False).run()
+    ckpts = sorted((tmp_path / "straight" / "checkpoints").iterdir())
+    assert len(ckpts) >= 2
+    newest = ckpts[-1] / "discriminator.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(DifflabWarning, match="discriminator.safetensors is damaged.*falling back"):
+        trainer = GANTrainer(cfg, tmp_path / "straight", data=data, progress=False, resume=True)
+    assert trainer.step == json.loads((ckpts[-2] / "state.json").read_text())["step"]
+    assert (ckpts[-1].parent / (ckpts[-1].name + ".damaged")).is_dir()
+
+
 def test_a_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     """A NaN generator loss at step 4 (checkpoints every 3, logs every 2): nothing of the broken state
     is logged or saved, the step-3 checkpoint stays the latest with finite weights, one-line error."""

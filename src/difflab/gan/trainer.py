@@ -49,7 +49,9 @@ from difflab.samplers.noise import image_generators, randn
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import (
     CONFIG,
+    Checkpoint,
     latest_checkpoint,
+    load_newest_good,
     load_weights,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -336,9 +338,12 @@ class GANTrainer:
                         state, self.cfg.train.keep_checkpoints)
 
     def _restore(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+        """Continue from the newest checkpoint that loads (a damaged one is named in a warning and set
+        aside, :func:`~difflab.train.checkpoint.load_newest_good`)."""
+        if load_newest_good(self.run_dir, self._load_state) is None:
             raise CheckpointError(f"--resume: run {self.run_dir} has no checkpoint yet")
+
+    def _load_state(self, ckpt: Checkpoint) -> None:
         config = self.run_dir / CONFIG
         for name, module in (("model", self.G), ("ema", self.ema.model), ("discriminator", self.D)):
             load_weights(module, ckpt.tensors(name), ckpt.path / f"{name}.safetensors", config)

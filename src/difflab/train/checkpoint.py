@@ -222,7 +222,8 @@ def candidate_checkpoints(run_dir: Path) -> list[Path]:
 
 def load_newest_good(run_dir: Path, load: Callable[[Checkpoint], T], *, quarantine: bool = True) -> tuple[Checkpoint, T] | None:
     """``load`` applied to the newest checkpoint that loads: a checkpoint whose ``load`` raises
-    :class:`CheckpointError` (truncated file, bad header, missing member, other shapes) is reported
+    :class:`CheckpointError` (truncated file, bad header, missing member, other shapes) or a KeyError,
+    TypeError, ValueError or RuntimeError (a state that does not fit) is reported
     in one warning and the previous one is tried; once one loads, the damaged newer ones are renamed
     ``step-N.damaged`` (when ``quarantine``). None when the run has no checkpoint; a CheckpointError,
     renaming nothing, when none of them loads (a changed config, say)."""
@@ -232,7 +233,10 @@ def load_newest_good(run_dir: Path, load: Callable[[Checkpoint], T], *, quaranti
     for path in candidates:
         try:
             ckpt = _read_checkpoint(path)
-            loaded = load(ckpt)
+            try:
+                loaded = load(ckpt)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a state.json or tensor that does not fit
+                raise CheckpointError(f"checkpoint {path} does not load: {type(e).__name__}: {e}") from None
         except CheckpointError as e:
             damaged.append(path)
             errors.append(str(e))

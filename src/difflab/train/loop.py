@@ -526,18 +526,11 @@ class Trainer:
     def _restore(self) -> None:
         """Continue from the newest checkpoint that loads (a damaged one is reported and the one
         before it is used, see :func:`~difflab.train.checkpoint.load_newest_good`)."""
-        found = load_newest_good(self.run_dir, self._load_checkpoint, quarantine=self.dist.is_main)
+        found = load_newest_good(self.run_dir, self._load_state, quarantine=self.dist.is_main)
         if found is None:
             raise CheckpointError(f"--resume: run {self.run_dir} has no checkpoint yet")
         if self.dist.is_main:
             self._trim_log()
-
-    def _load_checkpoint(self, ckpt: Checkpoint) -> None:
-        """Everything of ``ckpt`` into this trainer, or a CheckpointError naming what does not load."""
-        try:
-            self._load_state(ckpt)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {ckpt.path} does not load: {type(e).__name__}: {e}") from None
 
     def _load_state(self, ckpt: Checkpoint) -> None:
         st = ckpt.state
