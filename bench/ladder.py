@@ -126,7 +126,7 @@ def score(run: Path, faces: Path, real: Path, label: str) -> dict:
 
 def figures(run: Path, results: Path, name: str) -> None:
     """The run's loss curves (``difflab curves``) and its first 64 faces, copied to ``results``."""
-    if not (run / "curves.png").exists() and (run / "log.jsonl").exists():
+    if not (run / "curves.png").exists() and (run / "log.jsonl").exists() and not is_gan(run):  # diffusion logs only
         difflab_cli("curves", "--run", str(run), "--out", str(run / "curves.png"))
     results.mkdir(parents=True, exist_ok=True)
     for src, suffix in ((run / "grid.png", "grid"), (run / "curves.png", "curves")):

@@ -381,3 +381,6 @@ def test_diffusion_commands_point_a_gan_run_to_the_gan_commands(tmp_path):
     (run / "config.json").write_text('{"family": "gan", "kind": "stylegan"}')
     with pytest.raises(CheckpointError, match="is a GAN run: sample it with `difflab gan sample"):
         load_run(run)
+    from difflab.cli import main
+
+    assert main(["curves", "--run", str(run)]) == 2

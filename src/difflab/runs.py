@@ -86,7 +86,7 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
     """The run's network with its EMA (default) or raw weights from the latest checkpoint, in eval mode."""
     weights = parse_choice(Weights, weights, "--weights")
     run = require_run(run_dir)
-    _refuse_gan_run(run)
+    refuse_gan_run(run, f"sample it with `difflab gan sample --run {run}` (and `difflab gan interpolate`)")
     cfg = RunConfig.load(run / CONFIG)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
@@ -97,8 +97,8 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
     return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"])
 
 
-def _refuse_gan_run(run: Path) -> None:
-    """A GAN run (``difflab gan train``) has no noise schedule or denoiser: point to its own commands."""
+def refuse_gan_run(run: Path, hint: str) -> None:
+    """A GAN run (``difflab gan train``) has no noise schedule or denoiser: one line, with ``hint``."""
     from difflab.config import read_config_json
     from difflab.errors import ConfigError
     from difflab.gan.config import is_gan_config
@@ -108,5 +108,4 @@ def _refuse_gan_run(run: Path) -> None:
     except ConfigError:
         return  # RunConfig.load names the problem
     if isinstance(saved, dict) and is_gan_config(saved):
-        raise CheckpointError(f"--run {run} is a GAN run: sample it with `difflab gan sample --run {run}` "
-                              f"(and `difflab gan interpolate`)")
+        raise CheckpointError(f"--run {run} is a GAN run: {hint}")

@@ -152,6 +152,7 @@ def add_curves_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_curves(args: argparse.Namespace) -> int:
     from difflab.config import RunConfig
+    from difflab.runs import refuse_gan_run
     from difflab.train.checkpoint import CONFIG, require_run
     from difflab.visualize.curves import curves_figure, read_log
     from difflab.visualize.figure import save_figure
@@ -160,6 +161,8 @@ def run_curves(args: argparse.Namespace) -> int:
         raise ConfigError(f"--smooth must be in [0, 1), got {args.smooth}")
     out = out_file(args.out, "--out", (".png",)) if args.out else None
     run = require_run(args.run)
+    refuse_gan_run(run, f"`difflab curves` plots a diffusion run's loss by noise level; a GAN run logs loss_d and "
+                        f"loss_g in {run / 'log.jsonl'}, and its preview grids are in {run / 'samples'}")
     cfg = RunConfig.load(run / CONFIG)
     log = read_log(run / "log.jsonl")
     out = out or run / "curves.png"
