@@ -384,3 +384,13 @@ def test_diffusion_commands_point_a_gan_run_to_the_gan_commands(tmp_path):
     from difflab.cli import main
 
     assert main(["curves", "--run", str(run)]) == 2
+
+
+def test_cli_resume_auto_starts_then_resumes(tmp_path, capsys, image_folder):
+    run = tmp_path / "run"
+    line = ["gan", "train", "--data", image_folder, "--image-size", 16, "--out", run, "--batch-size", 4, "--no-progress",
+            "--resume", "auto", *TINY_NET]
+    code, out, err = cli(capsys, *line, "--max-steps", 2)
+    assert code == 0 and "trained to step 2" in out, err
+    code, out, err = cli(capsys, *line, "--max-steps", 4)
+    assert code == 0 and "trained to step 4" in out, err

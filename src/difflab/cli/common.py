@@ -270,3 +270,23 @@ def resume_config(saved: C, flags: dict[str, Any], overrides: Sequence[str], *, 
     if conflicts:
         raise ConfigError("--resume continues the saved config; only train.* options may change, not: " + ", ".join(conflicts))
     return cfg
+
+
+class ResumeAction(argparse.Action):
+    """``--resume`` (always) or ``--resume auto``. An optional value swallows the next word, so a
+    ``key=value`` override right after ``--resume`` is handed back to the overrides."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values is None or values in ("always", "auto"):
+            setattr(namespace, self.dest, values or "always")
+        elif "=" in values:
+            setattr(namespace, self.dest, "always")
+            namespace.resume_spill = [*getattr(namespace, "resume_spill", []), values]
+        else:
+            parser.error(f"--resume takes no value or 'auto', not {values!r}")
+
+
+def with_spilled_overrides(args: argparse.Namespace) -> list[str]:
+    """The command's ``key=value`` overrides, with the one ``--resume`` swallowed first."""
+    return [*getattr(args, "resume_spill", []), *args.overrides]

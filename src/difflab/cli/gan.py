@@ -15,6 +15,7 @@ from pathlib import Path
 from difflab.cli.common import (
     Command,
     Parser,
+    ResumeAction,
     add_device_option,
     check_outputs,
     nonneg_float,
@@ -23,6 +24,7 @@ from difflab.cli.common import (
     out_folder,
     positive_int,
     resume_config,
+    with_spilled_overrides,
 )
 from difflab.errors import ConfigError
 
@@ -46,7 +48,9 @@ def add_gan_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, help="images per step")
     p.add_argument("--lr", type=float, help="learning rate of both G and D (train.lr_g / train.lr_d set them apart)")
     p.add_argument("--seed", type=int, help="training seed")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", nargs="?", const="always", action=ResumeAction, metavar="auto",
+                   help="continue the run in --out from its newest checkpoint (flags equal to the saved config are "
+                        "fine); --resume auto: resume if --out has a checkpoint, else start the run")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,15 +72,17 @@ def run_gan_train(args: argparse.Namespace) -> int:
     from difflab.gan.sample import read_gan_config
     from difflab.gan.trainer import GANTrainer
     from difflab.io import atomic_write_bytes
-    from difflab.train.checkpoint import CONFIG
+    from difflab.train.checkpoint import CONFIG, has_checkpoint
 
     if not args.out:
         raise ConfigError("gan train: --out RUN_DIR is required")
     out_folder(args.out, "--out")
     flags = _train_flags(args)
-    if args.resume:
+    overrides = with_spilled_overrides(args)
+    resuming = args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
+    if resuming:
         saved = read_gan_config(args.out, "--out")
-        cfg = resume_config(saved, {k: v for k, v in flags.items() if v is not None}, args.overrides,
+        cfg = resume_config(saved, {k: v for k, v in flags.items() if v is not None}, overrides,
                             toml=load_toml(args.config) if args.config else None,
                             named=[("--preset", args.preset, saved.preset), ("--kind", args.kind, saved.kind.value)])
     else:
@@ -85,12 +91,13 @@ def run_gan_train(args: argparse.Namespace) -> int:
         if args.steps is not None and args.kind != GANKind.DDGAN.value:
             raise ConfigError("--steps is the number of denoising steps of --kind ddgan")
         toml = load_toml(args.config) if args.config else None
-        cfg = resolve_gan_config(kind=args.kind, preset=args.preset, toml=toml, flags=flags, overrides=args.overrides)
+        cfg = resolve_gan_config(kind=args.kind, preset=args.preset, toml=toml, flags=flags, overrides=overrides)
     if args.dry_run:
         print(cfg.to_json(), end="")
         return 0
-    trainer = GANTrainer(cfg, args.out, resume=args.resume, progress=not args.no_progress, device=args.device)
-    if args.resume:  # keep the changed training options with the run, so the next resume sees them
+    trainer = GANTrainer(cfg, args.out, resume=True if resuming else "auto" if args.resume == "auto" else False,
+                         progress=not args.no_progress, device=args.device)
+    if resuming:  # keep the changed training options with the run, so the next resume sees them
         atomic_write_bytes(Path(args.out) / CONFIG, cfg.to_json().encode())
     result = trainer.run()
     print(f"trained to step {result['step']} ({result['stopped_by']}) in {result['seconds']:.0f} s; run: {result['run_dir']}")

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from difflab.cli.common import Command, add_device_option, nonneg_float, out_folder, positive_int, resume_config
+from difflab.cli.common import (
+    Command,
+    ResumeAction,
+    add_device_option,
+    nonneg_float,
+    out_folder,
+    positive_int,
+    resume_config,
+    with_spilled_overrides,
+)
 from difflab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,25 +61,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. train.lr=1e-4 schedule.kind=cosine model.dropout=0")
-
-
-class ResumeAction(argparse.Action):
-    """``--resume`` (always) or ``--resume auto``. An optional value swallows the next word, so a
-    ``key=value`` override right after ``--resume`` is handed back to the overrides."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if values is None or values in ("always", "auto"):
-            setattr(namespace, self.dest, values or "always")
-        elif "=" in values:
-            setattr(namespace, self.dest, "always")
-            namespace.resume_spill = [*getattr(namespace, "resume_spill", []), values]
-        else:
-            parser.error(f"--resume takes no value or 'auto', not {values!r}")
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    return [*getattr(args, "resume_spill", []), *args.overrides]
 
 
 def _train_flags(args: argparse.Namespace) -> dict:
@@ -124,13 +114,12 @@ def run_train(args: argparse.Namespace) -> int:
     from difflab.config import RunConfig, load_toml, resolve_config
     from difflab.io import atomic_write_bytes
     from difflab.train import Trainer
-    from difflab.train.checkpoint import CONFIG, require_run
-    from difflab.train.loop import has_checkpoint
+    from difflab.train.checkpoint import CONFIG, has_checkpoint, require_run
 
     if not args.out:
         raise ConfigError("train: --out RUN_DIR is required")
     out_folder(args.out, "--out")
-    overrides = _overrides(args)
+    overrides = with_spilled_overrides(args)
     resuming = args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
     if resuming:
         run = require_run(args.out, "--out")

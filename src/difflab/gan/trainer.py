@@ -30,7 +30,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -43,7 +43,6 @@ from difflab.gan import ddgan, diffaug, losses
 from difflab.gan.config import GANConfig, GANKind
 from difflab.gan.sample import build_networks, generate
 from difflab.gan.stylegan import StyleGenerator
-from difflab.io import atomic_write_bytes
 from difflab.precision import fast_matmul
 from difflab.samplers.noise import image_generators, randn
 from difflab.schedule import NoiseSchedule
@@ -53,10 +52,11 @@ from difflab.train.checkpoint import (
     latest_checkpoint,
     load_newest_good,
     load_weights,
+    open_run_dir,
     optimizer_from_tensors,
     optimizer_to_tensors,
-    require_run,
     save_checkpoint,
+    start_run_dir,
 )
 from difflab.train.ema import EMA
 from difflab.train.loop import DistInfo, TrainingDiverged, stop_requests
@@ -80,14 +80,14 @@ class GANTrainer:
         run_dir: str | os.PathLike[str],
         *,
         data: ImageData | None = None,
-        resume: bool = False,
+        resume: bool | Literal["auto"] = False,
         progress: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         if DistInfo.from_env().world_size > 1:
             raise ConfigError("difflab gan train runs in one process: start it without torchrun")
-        self._check_run_dir(resume)
+        resume, restart = open_run_dir(self.run_dir, resume)  # before minutes of decoding data
         self.device = resolve_device(device)
         d = cfg.data
         self.data = data if data is not None else load_dataset(d.source, d.image_size, d.channels, progress=progress)
@@ -110,16 +110,7 @@ class GANTrainer:
         if resume:
             self._restore()
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.run_dir / CONFIG, cfg.to_json().encode())
-
-    def _check_run_dir(self, resume: bool) -> None:
-        if resume:
-            require_run(self.run_dir, "--out")
-        elif self.run_dir.exists() and not self.run_dir.is_dir():
-            raise CheckpointError(f"--out {self.run_dir} is a file; give a folder for the run")
-        elif (self.run_dir / CONFIG).exists():
-            raise CheckpointError(f"--out {self.run_dir} already holds a run; pass --resume or choose another --out")
+            start_run_dir(self.run_dir, cfg.to_json(), restart)
 
     # -- data ---------------------------------------------------------------------------------
     def _next_indices(self, n: int) -> tuple[torch.Tensor, list[int]]:

@@ -33,14 +33,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from difflab.errors import CheckpointError, DifflabWarning, OutputError
-from difflab.io import atomic_path, atomic_write_json, fsync_dir
+from difflab.errors import CheckpointError, ConfigError, DifflabWarning, OutputError
+from difflab.io import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir
 
 CONFIG = "config.json"
 LATEST = "latest.json"
@@ -291,3 +291,34 @@ def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], sour
     if problems:
         raise CheckpointError(f"{source} does not match {config}: " + "; ".join(problems))
     module.load_state_dict(tensors)
+
+
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` holds at least one complete checkpoint (what ``--resume auto`` resumes)."""
+    return bool(candidate_checkpoints(Path(run_dir)))
+
+
+def open_run_dir(run_dir: Path, resume: bool | Literal["auto"]) -> tuple[bool, bool]:
+    """Check ``run_dir`` for a trainer about to start or continue there: (resume, restart), where
+    ``resume="auto"`` means resume if it has a checkpoint, else start, also over a first attempt that
+    died before its first checkpoint (restart: its config and log are replaced)."""
+    restart = False
+    if resume == "auto":  # one command line for the first start and every requeue
+        resume, restart = has_checkpoint(run_dir), True
+    elif not isinstance(resume, bool):
+        raise ConfigError(f"resume must be true, false or 'auto', got {resume!r}")
+    if resume:
+        require_run(run_dir, "--out")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file; give a folder for the run")
+    elif (run_dir / CONFIG).exists() and not restart:
+        raise CheckpointError(f"--out {run_dir} already holds a run; pass --resume (or --resume auto) or choose another --out")
+    return resume, restart
+
+
+def start_run_dir(run_dir: Path, config_json: str, restart: bool) -> None:
+    """Create ``run_dir`` with its config; a restart drops the dead attempt's log (not this run's)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / CONFIG, config_json.encode())
+    if restart:
+        (run_dir / "log.jsonl").unlink(missing_ok=True)

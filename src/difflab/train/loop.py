@@ -52,13 +52,13 @@ from difflab.train.checkpoint import (
     CONFIG,
     LATEST,
     Checkpoint,
-    candidate_checkpoints,
     load_newest_good,
     load_weights,
+    open_run_dir,
     optimizer_from_tensors,
     optimizer_to_tensors,
-    require_run,
     save_checkpoint,
+    start_run_dir,
 )
 from difflab.train.conditions import TrainingConditions
 from difflab.train.ema import EMA
@@ -148,12 +148,7 @@ class Trainer:
                 f"train.batch_size={tc.batch_size} must be divisible by world_size * grad_accum = {per_step}"
             )
         self.micro_batch = tc.batch_size // per_step
-        fresh_ok = False
-        if resume == "auto":  # one command line for the first start and every requeue
-            resume, fresh_ok = has_checkpoint(self.run_dir), True
-        elif not isinstance(resume, bool):
-            raise ConfigError(f"resume must be true, false or 'auto', got {resume!r}")
-        self._check_run_dir(resume, fresh_ok)  # before minutes of decoding data
+        resume, restart = open_run_dir(self.run_dir, resume)  # before minutes of decoding data
         self.device = resolve_device(device)
         if self.device.type == "cuda":  # one GPU per rank: cuda means this rank's own
             if self.device.index is None:
@@ -213,18 +208,7 @@ class Trainer:
         if resume:
             self._restore()
         elif self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.run_dir / CONFIG, cfg.to_json().encode())
-            if fresh_ok:  # a start that died before its first checkpoint: its log is not this run's
-                (self.run_dir / "log.jsonl").unlink(missing_ok=True)
-
-    def _check_run_dir(self, resume: bool, fresh_ok: bool = False) -> None:
-        if resume:
-            require_run(self.run_dir, "--out")
-        elif self.run_dir.exists() and not self.run_dir.is_dir():
-            raise CheckpointError(f"--out {self.run_dir} is a file; give a folder for the run")
-        elif (self.run_dir / CONFIG).exists() and not fresh_ok:
-            raise CheckpointError(f"--out {self.run_dir} already holds a run; pass --resume or choose another --out")
+            start_run_dir(self.run_dir, cfg.to_json(), restart)
 
     # -- data --------------------------------------------------------------------------
     def _load_data(self) -> ImageData:
@@ -581,7 +565,3 @@ class Trainer:
         if len(keep) != len(lines):
             atomic_write_bytes(log, "".join(keep).encode())
 
-
-def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
-    """Whether ``run_dir`` holds at least one complete checkpoint (what ``--resume auto`` resumes)."""
-    return bool(candidate_checkpoints(Path(run_dir)))
