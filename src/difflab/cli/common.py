@@ -290,3 +290,28 @@ class ResumeAction(argparse.Action):
 def with_spilled_overrides(args: argparse.Namespace) -> list[str]:
     """The command's ``key=value`` overrides, with the one ``--resume`` swallowed first."""
     return [*getattr(args, "resume_spill", []), *args.overrides]
+
+
+def is_resuming(args: argparse.Namespace) -> bool:
+    """``--resume``, or ``--resume auto`` on a run directory that has a checkpoint."""
+    from difflab.train.checkpoint import has_checkpoint
+
+    return args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
+
+
+def train_and_report(trainer_cls: Callable[..., Any], cfg: Any, args: argparse.Namespace, resuming: bool) -> int:
+    """What ``train`` and ``gan train`` do once the config is resolved: print it (--dry-run) or build the
+    trainer, keep a resumed run's changed training options in its config.json, train, report."""
+    from difflab.io import atomic_write_bytes
+    from difflab.train.checkpoint import CONFIG
+
+    if args.dry_run:
+        print(cfg.to_json(), end="")
+        return 0
+    trainer = trainer_cls(cfg, args.out, resume=True if resuming else "auto" if args.resume == "auto" else False,
+                          progress=not args.no_progress, device=args.device)
+    if resuming:  # keep the changed training options with the run, so the next resume sees them
+        atomic_write_bytes(Path(args.out) / CONFIG, cfg.to_json().encode())
+    result = trainer.run()
+    print(f"trained to step {result['step']} ({result['stopped_by']}) in {result['seconds']:.0f} s; run: {result['run_dir']}")
+    return 0

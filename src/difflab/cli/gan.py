@@ -18,12 +18,14 @@ from difflab.cli.common import (
     ResumeAction,
     add_device_option,
     check_outputs,
+    is_resuming,
     nonneg_float,
     nonneg_int,
     out_file,
     out_folder,
     positive_int,
     resume_config,
+    train_and_report,
     with_spilled_overrides,
 )
 from difflab.errors import ConfigError
@@ -71,15 +73,13 @@ def run_gan_train(args: argparse.Namespace) -> int:
     from difflab.gan.config import GANKind, resolve_gan_config
     from difflab.gan.sample import read_gan_config
     from difflab.gan.trainer import GANTrainer
-    from difflab.io import atomic_write_bytes
-    from difflab.train.checkpoint import CONFIG, has_checkpoint
 
     if not args.out:
         raise ConfigError("gan train: --out RUN_DIR is required")
     out_folder(args.out, "--out")
     flags = _train_flags(args)
     overrides = with_spilled_overrides(args)
-    resuming = args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
+    resuming = is_resuming(args)
     if resuming:
         saved = read_gan_config(args.out, "--out")
         cfg = resume_config(saved, {k: v for k, v in flags.items() if v is not None}, overrides,
@@ -92,16 +92,7 @@ def run_gan_train(args: argparse.Namespace) -> int:
             raise ConfigError("--steps is the number of denoising steps of --kind ddgan")
         toml = load_toml(args.config) if args.config else None
         cfg = resolve_gan_config(kind=args.kind, preset=args.preset, toml=toml, flags=flags, overrides=overrides)
-    if args.dry_run:
-        print(cfg.to_json(), end="")
-        return 0
-    trainer = GANTrainer(cfg, args.out, resume=True if resuming else "auto" if args.resume == "auto" else False,
-                         progress=not args.no_progress, device=args.device)
-    if resuming:  # keep the changed training options with the run, so the next resume sees them
-        atomic_write_bytes(Path(args.out) / CONFIG, cfg.to_json().encode())
-    result = trainer.run()
-    print(f"trained to step {result['step']} ({result['stopped_by']}) in {result['seconds']:.0f} s; run: {result['run_dir']}")
-    return 0
+    return train_and_report(GANTrainer, cfg, args, resuming)
 
 
 def _add_loading(p: argparse.ArgumentParser) -> None:

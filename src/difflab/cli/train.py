@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from difflab.cli.common import (
     Command,
     ResumeAction,
     add_device_option,
+    is_resuming,
     nonneg_float,
     out_folder,
     positive_int,
     resume_config,
+    train_and_report,
     with_spilled_overrides,
 )
 from difflab.errors import ConfigError
@@ -112,15 +113,14 @@ def _resume_config(saved: RunConfig, args: argparse.Namespace, overrides: list[s
 
 def run_train(args: argparse.Namespace) -> int:
     from difflab.config import RunConfig, load_toml, resolve_config
-    from difflab.io import atomic_write_bytes
     from difflab.train import Trainer
-    from difflab.train.checkpoint import CONFIG, has_checkpoint, require_run
+    from difflab.train.checkpoint import CONFIG, require_run
 
     if not args.out:
         raise ConfigError("train: --out RUN_DIR is required")
     out_folder(args.out, "--out")
     overrides = with_spilled_overrides(args)
-    resuming = args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
+    resuming = is_resuming(args)
     if resuming:
         run = require_run(args.out, "--out")
         cfg = _resume_config(RunConfig.load(run / CONFIG), args, overrides)
@@ -131,16 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = resolve_config(preset=args.preset, recipe=_recipe(args), toml=toml, flags=_train_flags(args),
                              overrides=overrides)
         cfg = _conditioned(cfg)
-    if args.dry_run:
-        print(cfg.to_json(), end="")
-        return 0
-    trainer = Trainer(cfg, args.out, resume=True if resuming else "auto" if args.resume == "auto" else False,
-                      progress=not args.no_progress, device=args.device)
-    if resuming:  # keep the changed training options with the run, so the next resume sees them
-        atomic_write_bytes(Path(args.out) / CONFIG, cfg.to_json().encode())
-    result = trainer.run()
-    print(f"trained to step {result['step']} ({result['stopped_by']}) in {result['seconds']:.0f} s; run: {result['run_dir']}")
-    return 0
+    return train_and_report(Trainer, cfg, args, resuming)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
