@@ -36,6 +36,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import difflab_cli  # noqa: E402
 
 HELD_OUT = 1000
+# what --reuse links from an earlier output folder: everything that does not depend on sr64
+REUSED = ("train", "heldout", "heldout-64", "heldout-32", "bicubic-64", "bicubic-64.eval.json", "base32", "single64",
+          "single", "single.eval.json", "base32-samples", "base32-bicubic", "base32-bicubic.eval.json")
 SAMPLE = ["--sampler", "ddim", "--steps", "25", "--eta", "1"]
 
 
@@ -136,13 +139,24 @@ def main() -> None:
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--out", default="runs/img2img")
     p.add_argument("--stages", default="train,sr,cascade,figures")
+    p.add_argument("--sr-steps", type=int, default=0,
+                   help="train sr64 for this many steps instead of --minutes-sr (equal compute whatever else runs)")
+    p.add_argument("--reuse", help="an earlier --out: its split, held-out sets, base32, single64 and their samples "
+                                   "are linked, not made again (a new sr64 is trained and everything using it redone)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     stages = set(args.stages.split(","))
+    if args.reuse:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in REUSED:
+            src = Path(args.reuse).resolve() / name
+            if src.exists() and not (out / name).exists():
+                (out / name).symlink_to(src)
     train, held = split(Path(args.data), out)
     common = ["--data", str(train), "--no-progress"]
+    sr_budget = ["--max-steps", str(args.sr_steps)] if args.sr_steps else ["--minutes", str(args.minutes_sr)]
     plan = [("base32", ["--image-size", "32", "--minutes", str(args.minutes_base)]),
-            ("sr64", ["--image-size", "64", "--task", "upscale", "--from", "32", "--minutes", str(args.minutes_sr)]),
+            ("sr64", ["--image-size", "64", "--task", "upscale", "--from", "32", *sr_budget]),
             ("single64", ["--image-size", "64", "--minutes", str(args.minutes_base + args.minutes_sr)])]
     if "train" in stages:
         for name, flags in plan:
@@ -177,6 +191,11 @@ def main() -> None:
             rows[label] = {"psnr": float(psnr(x, hr).mean()), "ssim": float(ssim(x, hr).mean()), "fid": ev["fid"],
                            "kid": ev["kid_mean"], "detect": ev.get("detect_rate")}
             print(label, json.dumps(rows[label]), flush=True)
+        from difflab.visualize.images import save_grid
+        first = names[:8]  # rows: the held-out face, bicubic, SR
+        grid = torch.cat([to_float(load_pngs(folder, first)) for folder in (hr_dir, bic_dir, sr_dir)])
+        save_grid(grid, out / "sr-heldout.png", nrow=len(first), scale=2)
+        print(f"figure: {out / 'sr-heldout.png'} (rows: held-out face, bicubic, SR)")
     if "cascade" in stages:
         n = str(args.n)
         for name, cmd in (("cascade", ["sample", "--run", str(out / "base32"), "--upscale-run", str(out / "sr64"),

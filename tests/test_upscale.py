@@ -11,7 +11,7 @@ from PIL import Image
 from difflab.cli import main
 from difflab.config import RunConfig, UpscaleConfig, resolve_config
 from difflab.denoiser import Denoiser
-from difflab.edit.upscale import resize, training_pair, upscale_batches
+from difflab.edit.upscale import measure_scale, resize, training_pair, upscale_batches
 from difflab.errors import ConfigError, DifflabError
 from difflab.models.unet import UNet, UNetConfig
 from difflab.samplers import SamplerConfig
@@ -42,15 +42,32 @@ def test_the_low_resolution_image_reaches_the_network():
 def test_training_pairs_are_residuals_of_the_bicubic_path():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
-    target, up = training_pair(x, UpscaleConfig(from_size=8), g)
+    target, up = training_pair(x, UpscaleConfig(from_size=8, scale=4.0), g)
     low = torch.nn.functional.interpolate(x, size=(8, 8), mode="bicubic", antialias=True).clamp(-1, 1)
-    torch.testing.assert_close(up, resize(low, 16)) and torch.testing.assert_close(target + up, x)
+    torch.testing.assert_close(up, resize(low, 16))
+    torch.testing.assert_close(target / 4 + up, x)
     same, _ = training_pair(x, UpscaleConfig(from_size=8, residual=False), g)
     assert torch.equal(same, x)
-    noisy_target, noisy_up = training_pair(x, UpscaleConfig(from_size=8, noise=0.5), torch.Generator().manual_seed(1))
+    noisy_target, noisy_up = training_pair(x, UpscaleConfig(from_size=8, noise=0.5, scale=1.0), torch.Generator().manual_seed(1))
     assert not torch.allclose(noisy_up, up) and torch.allclose(noisy_target + noisy_up, x, atol=1e-6)
     constant = torch.full((1, 3, 16, 16), 0.3)
-    assert torch.allclose(training_pair(constant, UpscaleConfig(from_size=8), g)[1], constant, atol=1e-6)  # flat stays flat
+    assert torch.allclose(training_pair(constant, UpscaleConfig(from_size=8, scale=1.0), g)[1], constant, atol=1e-6)  # flat stays flat
+    with pytest.raises(ConfigError, match="upscale.scale is 0"):
+        training_pair(x, UpscaleConfig(from_size=8), g)
+
+
+def test_the_residual_scale_gives_the_residuals_sigma_data():
+    """measure_scale: sigma_data / std(image - bicubic path); the scaled targets then have std sigma_data."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(64, 3, 16, 16, generator=g) * 2 - 1) * 0.5
+    up = resize(resize(x, 8), 16)
+    scale = measure_scale(x, 8, 0.5)
+    assert scale == pytest.approx(0.5 / float((x - up).std()), rel=1e-3)  # three significant digits
+    target, _ = training_pair(x, UpscaleConfig(from_size=8, scale=scale), g)
+    assert float(target.std()) == pytest.approx(0.5, rel=1e-3)
+    assert measure_scale(x * 2, 8, 0.5) == pytest.approx(scale / 2, rel=2e-3)  # twice the detail, half the scale
+    with pytest.raises(ConfigError, match="no detail above 8 px"):
+        measure_scale(torch.full((4, 3, 16, 16), 0.3), 8, 0.5)  # flat images: the bicubic path is exact
 
 
 def test_a_network_that_predicts_nothing_leaves_the_bicubic_upsampling():
@@ -60,15 +77,29 @@ def test_a_network_that_predicts_nothing_leaves_the_bicubic_upsampling():
     den = Denoiser(UNet(SMALL).eval(), schedule, "x0")
     low = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     for cfg in (SamplerConfig(sampler="ddim", steps=5, eta=1.0), SamplerConfig(sampler="dpmpp-2m-sde", steps=4)):
-        out = torch.cat([b for _, b in upscale_batches(den, low, UpscaleConfig(from_size=8), 16, cfg, progress=False)])
+        out = torch.cat([b for _, b in upscale_batches(den, low, UpscaleConfig(from_size=8, scale=4.0), 16, cfg, progress=False)])
         torch.testing.assert_close(out, resize(low, 16))
     with pytest.raises(ConfigError, match="takes 8x8 images"):
-        next(upscale_batches(den, torch.zeros(1, 3, 16, 16), UpscaleConfig(from_size=8), 16, cfg, progress=False))
+        next(upscale_batches(den, torch.zeros(1, 3, 16, 16), UpscaleConfig(from_size=8, scale=4.0), 16, cfg, progress=False))
+    with pytest.raises(ConfigError, match="upscale.scale 0: it was never trained"):
+        next(upscale_batches(den, low, UpscaleConfig(from_size=8), 16, cfg, progress=False))
+
+
+def test_the_sampled_residual_is_divided_by_the_scale():
+    """A network whose x0 output is a constant c: the upscaled image is the bicubic path + c / scale."""
+    class Constant(torch.nn.Module):
+        def forward(self, x, t, lowres=None, **kw):
+            return torch.full_like(x, 0.4)
+    den = Denoiser(Constant(), NoiseSchedule.from_name("linear", 1000), "x0")
+    low = torch.zeros(2, 3, 8, 8)
+    cfg = SamplerConfig(sampler="ddim", steps=4, eta=0.0)
+    out = torch.cat([b for _, b in upscale_batches(den, low, UpscaleConfig(from_size=8, scale=4.0), 16, cfg, progress=False)])
+    torch.testing.assert_close(out, torch.full_like(out, 0.1))
 
 
 def test_upscale_config_is_checked_and_round_trips():
     cfg = resolve_config(preset="tiny", flags={"data.source": "x", "data.image_size": 16, "upscale.from_size": 8})
-    assert cfg.model.cond_channels == 3 and cfg.upscale.from_size == 8 and cfg.upscale.residual
+    assert cfg.model.cond_channels == 3 and cfg.upscale.from_size == 8 and cfg.upscale.residual and cfg.upscale.scale == 0
     assert cfg.sampler.eta == 1.0  # super-resolution samples stochastically by default
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert resolve_config(preset="tiny", flags={"data.source": "x", "data.image_size": 16}).model.cond_channels == 0
@@ -76,6 +107,16 @@ def test_upscale_config_is_checked_and_round_trips():
         resolve_config(preset="tiny", flags={"data.source": "x", "data.image_size": 16, "upscale.from_size": 16})
     with pytest.raises(ConfigError, match=r"upscale.noise must be a number in \[0, 1\]"):
         UpscaleConfig(from_size=8, noise=2.0)
+    with pytest.raises(ConfigError, match=r"upscale.scale must be a finite number >= 0"):
+        UpscaleConfig(from_size=8, scale=float("inf"))
+
+
+def test_a_run_saved_before_the_residual_scale_loads_unscaled(tmp_path):
+    cfg = resolve_config(preset="tiny", flags={"data.source": "x", "data.image_size": 16, "upscale.from_size": 8})
+    raw = json.loads(cfg.to_json())
+    del raw["upscale"]["scale"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert RunConfig.load(tmp_path / "config.json").upscale.scale == 1.0
 
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--max-steps", "2", "--no-progress", "train.sample_every=2",
@@ -109,6 +150,9 @@ def _run(capsys, *argv):
 def test_upscale_and_cascade_end_to_end(tmp_path, capsys, runs, faces):
     cfg = json.loads((runs / "sr" / "config.json").read_text())
     assert cfg["upscale"]["from_size"] == 8 and cfg["model"]["cond_channels"] == 3
+    from difflab.data import load_dataset, to_float
+    images = to_float(load_dataset(str(faces), 16, None, progress=False).images)
+    assert cfg["upscale"]["scale"] == measure_scale(images, 8, 0.5)  # measured when training started, stored
     assert (runs / "sr" / "samples" / "latest.png").is_file()
     code, out, err = _run(capsys, "upscale", "--run", runs / "sr", "--images", faces, "--steps", "3", "--out", tmp_path / "up",
                           "--grid", tmp_path / "up.png", "--no-progress")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -141,11 +142,20 @@ class UpscaleConfig:
     the bicubic upsampling. ``noise``: training augmentation of the low-resolution input, Gaussian noise
     of a standard deviation drawn per image from U[0, noise] (cascaded diffusion's conditioning
     augmentation, Ho et al. 2021, without conditioning on the level), so the stage tolerates the
-    base model's flaws; 0 = off. Sampling never adds it."""
+    base model's flaws; 0 = off. Sampling never adds it.
+
+    ``scale``: the residual is multiplied by this before the diffusion sees it (divided after
+    sampling), like latent diffusion's latent scaling: a 32 -> 64 px residual of anime faces has a
+    standard deviation of about 0.11 against the images' 0.56, so unscaled it is drowned by noise at
+    most noise levels the schedule trains on (measured, BENCHMARKS.md image-to-image). 0 = measured
+    when training starts (``loss.sigma_data`` / the residuals' std over the first training images,
+    :func:`difflab.edit.upscale.measure_scale`) and stored in the run's config. Runs saved before
+    this option existed load with 1 (what they were trained with)."""
 
     from_size: int = 0
     residual: bool = True
     noise: float = 0.0
+    scale: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.from_size, bool) or not isinstance(self.from_size, int) or self.from_size < 0:
@@ -154,6 +164,9 @@ class UpscaleConfig:
             raise ConfigError(f"upscale.residual must be true or false, got {self.residual!r}")
         if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)) or not 0 <= self.noise <= 1:
             raise ConfigError(f"upscale.noise must be a number in [0, 1], got {self.noise!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 0 <= self.scale < math.inf:
+            raise ConfigError("upscale.scale must be a finite number >= 0 (0 = measured when training starts), "
+                              f"got {self.scale!r}")
 
     @property
     def active(self) -> bool:
@@ -208,7 +221,11 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        return cls.from_dict(read_config_json(path))
+        raw = read_config_json(path)
+        up = raw.get("upscale") if isinstance(raw, dict) else None
+        if isinstance(up, dict) and up.get("from_size") and "scale" not in up:  # saved before upscale.scale: unscaled
+            raw["upscale"] = {**up, "scale": 1.0}
+        return cls.from_dict(raw)
 
 
 def read_config_json(path: str | Path) -> Any:

@@ -33,14 +33,31 @@ def resize(x: Tensor, size: int) -> Tensor:
 def training_pair(x: Tensor, cfg: UpscaleConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """(what the diffusion models, the ``lowres`` condition) for a high-resolution batch ``x``: the
     condition is ``x`` downscaled to ``cfg.from_size`` (plus noise of std ~ U[0, cfg.noise] per image)
-    and upsampled back; the target is ``x``, or with ``cfg.residual`` ``x`` minus the condition."""
+    and upsampled back; the target is ``x``, or with ``cfg.residual`` ``x`` minus the condition, times
+    ``cfg.scale``."""
+    if cfg.residual and not cfg.scale:
+        raise ConfigError("upscale.scale is 0 (not measured yet): the trainer measures it with measure_scale")
     low = resize(x, cfg.from_size)
     if cfg.noise:
         std = torch.rand(len(x), generator=generator) * cfg.noise
         z = torch.randn(low.shape, generator=generator)
         low = low + (std[:, None, None, None] * z).to(low.device)
     up = resize(low, x.shape[-1]).to(x.dtype)
-    return (x - up if cfg.residual else x).contiguous(memory_format=_format(x)), up.contiguous(memory_format=_format(x))
+    return ((x - up) * cfg.scale if cfg.residual else x).contiguous(memory_format=_format(x)), \
+        up.contiguous(memory_format=_format(x))
+
+
+def measure_scale(images: Tensor, from_size: int, sigma_data: float) -> float:
+    """``upscale.scale`` for a residual run: ``sigma_data`` over the standard deviation of the residuals
+    (image - bicubic upsampling of its ``from_size`` version, no conditioning noise) of ``images``
+    (N, C, H, W in [-1, 1]; the trainer passes its first 1024), to three significant digits so the
+    stored config reads plainly. Images with no detail beyond ``from_size`` give a ConfigError."""
+    up = resize(resize(images, from_size), images.shape[-1])
+    std = float((images.float() - up).std())
+    if not std > 1e-4:
+        raise ConfigError(f"the training images have no detail above {from_size} px (residual std {std:.2g}): "
+                          "nothing for a super-resolution run to learn")
+    return float(f"{sigma_data / std:.3g}")
 
 
 def _format(x: Tensor) -> torch.memory_format:
@@ -64,4 +81,6 @@ def upscale_batches(denoiser: Denoiser, low: Tensor, cfg: UpscaleConfig, image_s
     for idx, out in sample_batches(denoiser, len(low), shape, sampler, seed=seed, start=start, stream=stream,
                                    batch_size=batch_size, device=device, progress=progress, lowres=up, **kwargs):
         base = up[idx.start - start : idx.stop - start].to(out.device, out.dtype)
-        yield idx, (base + out).clamp(-1, 1) if cfg.residual else out
+        if cfg.residual and not cfg.scale:
+            raise ConfigError("this super-resolution run has upscale.scale 0: it was never trained")
+        yield idx, (base + out / cfg.scale).clamp(-1, 1) if cfg.residual else out

@@ -19,6 +19,7 @@ bit-identical to an uninterrupted one on the same machine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from difflab.data.augment import augment
 from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.denoiser import Denoiser
 from difflab.devices import resolve_device, to_device
-from difflab.edit.upscale import resize, training_pair, upscale_batches
+from difflab.edit.upscale import measure_scale, resize, training_pair, upscale_batches
 from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning, OutputError
 from difflab.io import atomic_write_bytes
 from difflab.models.unet import UNet
@@ -164,6 +165,10 @@ class Trainer:
                 f"data has {c}-channel {h}px images but the model expects {cfg.model.in_channels}-channel "
                 f"{cfg.model.image_size}px"
             )
+        up = cfg.upscale
+        if up.active and up.residual and not up.scale:  # measured once, then stored in the run's config
+            scale = measure_scale(to_float(self.data.images[:1024]), up.from_size, cfg.loss.sigma_data)
+            self.cfg = cfg = dataclasses.replace(cfg, upscale=dataclasses.replace(up, scale=scale))
         self.conditions = TrainingConditions(cfg.cond, self.data.labels, tc.cond_dropout, self.device,
                                              progress=progress and self.dist.is_main)
         self.schedule = NoiseSchedule(cfg.schedule)
