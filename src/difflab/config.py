@@ -24,6 +24,7 @@ from difflab.data.augment import AugmentConfig
 from difflab.data.decode import _shown
 from difflab.data.labels import LabelSchema
 from difflab.errors import ConfigError, parse_choice
+from difflab.models.foreign import ForeignNetwork
 from difflab.models.presets import PRESETS as MODEL_PRESETS
 from difflab.models.presets import unet_config
 from difflab.models.unet import UNetConfig
@@ -189,6 +190,9 @@ class RunConfig:
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     preset: str = "small"
     recipe: str = ""  # the --recipe it was made with (difflab.recipes), "" = none; a record only
+    # an imported network (difflab import; difflab.models.foreign): built from this table, with model.* recording
+    # only its image size and channels; None = difflab's own UNet of model.*
+    foreign: ForeignNetwork | None = None
 
     def __post_init__(self) -> None:
         if self.model.image_size != self.data.image_size:
@@ -208,6 +212,10 @@ class RunConfig:
                               f"have {list(schema.sizes)} ({', '.join(schema.attributes)})")
         if self.cond.captions and schema is not None and not self.model.text_dim:
             raise ConfigError("cond.captions needs a model with text_dim > 0 (the text encoder's size)")
+        f = self.foreign
+        if f is not None and (self.model.image_size, self.model.in_channels) != (f.resolution, f.channels):
+            raise ConfigError(f"the imported {f.label} makes {f.channels}-channel {f.resolution} px images, but model.* "
+                              f"says {self.model.in_channels}-channel {self.model.image_size} px")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -297,6 +305,10 @@ def from_dict(cls: type, d: Any, where: str = "config") -> Any:
     unknown = [k for k in d if k not in names]
     if unknown:
         raise ConfigError(f"unknown option {where}.{_shown(str(unknown[0]))}; valid: {', '.join(names)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where} needs the option {where}.{missing[0]}")
     return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()})
 
 

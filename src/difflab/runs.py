@@ -20,7 +20,7 @@ import torch
 from difflab.config import RunConfig
 from difflab.denoiser import Clip, Denoiser
 from difflab.errors import CheckpointError, parse_choice
-from difflab.models.unet import UNet
+from difflab.models.foreign import build_network
 from difflab.parametrization import LossConfig, Prediction
 from difflab.precision import Precision, autocast_dtype, require_compiler, to_memory_format
 from difflab.schedule import NoiseSchedule
@@ -54,7 +54,7 @@ def sampling_denoiser(model: torch.nn.Module, schedule: NoiseSchedule, objective
 class LoadedRun:
     path: Path
     config: RunConfig
-    model: UNet
+    model: torch.nn.Module  # difflab's UNet, or an imported network (config.foreign)
     schedule: NoiseSchedule
     step: int
 
@@ -91,7 +91,7 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise CheckpointError(f"--run {run_dir}: no checkpoint has been saved yet")
-    model = UNet(cfg.model)
+    model = build_network(cfg)
     load_weights(model, ckpt.tensors(weights.value), ckpt.path / f"{weights.value}.safetensors", run / CONFIG)
     model = to_memory_format(model.to(device)).eval().requires_grad_(False)
     return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"])

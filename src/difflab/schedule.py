@@ -55,6 +55,9 @@ class ScheduleConfig:
     abar curve (improved-diffusion does this for linear; we do it for all three so that T is
     a resolution, not a different process). ``cosine_s`` is the cosine offset; ``sigmoid_start``,
     ``sigmoid_end``, ``sigmoid_tau`` parametrise the abar-sigmoid schedule.
+
+    ``betas``: explicit betas, one per timestep (an imported model's table, e.g. a diffusers scheduler's
+    ``trained_betas``); when given they are the schedule, and ``kind`` and its parameters are unused.
     """
 
     kind: BetaSchedule = BetaSchedule.LINEAR
@@ -66,16 +69,22 @@ class ScheduleConfig:
     sigmoid_end: float = 3.0
     sigmoid_tau: float = 1.0
     max_beta: float = 0.999
+    betas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", parse_choice(BetaSchedule, self.kind, "noise schedule"))
         if not isinstance(self.timesteps, int) or self.timesteps < 1:
             raise ConfigError(f"schedule timesteps must be a positive integer, got {self.timesteps!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.betas and (len(self.betas) != self.timesteps or not all(
+                isinstance(b, float) and 0 < b < 1 for b in self.betas)):
+            raise ConfigError(f"schedule.betas must hold schedule.timesteps={self.timesteps} numbers in (0, 1), "
+                              f"got {len(self.betas)}")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(
                 f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}"
             )
-        if self.beta_end * 1000 / self.timesteps >= 1 and self.kind in _BETA_RANGE_KINDS:
+        if self.beta_end * 1000 / self.timesteps >= 1 and self.kind in _BETA_RANGE_KINDS and not self.betas:
             raise ConfigError(
                 f"timesteps={self.timesteps} is too few for a {self.kind.value} schedule: "
                 f"beta_end scaled by 1000/T reaches {self.beta_end * 1000 / self.timesteps:.3g} >= 1"
@@ -97,6 +106,8 @@ def _betas_from_alpha_bar(alpha_bar: Tensor, max_beta: float) -> Tensor:
 
 def make_betas(cfg: ScheduleConfig) -> Tensor:
     """The betas of ``cfg`` as a float64 tensor of length T."""
+    if cfg.betas:
+        return torch.tensor(cfg.betas, dtype=F64)
     T = cfg.timesteps
     scale = 1000.0 / T
     lo, hi = cfg.beta_start * scale, cfg.beta_end * scale
@@ -223,7 +234,7 @@ class NoiseSchedule:
         return self.num_timesteps
 
     def __repr__(self) -> str:
-        return f"NoiseSchedule({self.config.kind.value}, T={self.num_timesteps})"
+        return f"NoiseSchedule({'explicit' if self.config.betas else self.config.kind.value}, T={self.num_timesteps})"
 
     # -- the forward process -------------------------------------------------------------
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difflab.cli.common import (
     Command,
@@ -25,6 +26,9 @@ from difflab.cli.common import (
     sampler_config,
 )
 from difflab.errors import ConfigError
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs
+    from difflab.samplers.base import Callback
 
 
 def _strength(text: str) -> float:
@@ -73,28 +77,38 @@ def add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace, what: str) -> tuple[Any, Any, list[Any], dict[str, Any], Path, Path | None]:
     """The run, inputs (notes printed), condition rows for every output, output folder and figure path."""
+    grid_file = check_outputs(args)
+    run = load_run_for(args)
+    inputs, reqs, rows = prepare_inputs(args, run, what, note=lambda text: print(f"note: {text}"))
+    src = Path(args.image).expanduser()
+    out = Path(args.out).expanduser() if args.out else run.path / what / src.stem
+    return run, inputs, reqs, rows, out, grid_file
+
+
+def prepare_inputs(args: argparse.Namespace, run: Any, what: str,
+                   note: Callable[[str], None] = lambda text: None) -> tuple[Any, list[Any], dict[str, Any]]:
+    """What ``edit`` and ``inpaint`` (flags ``args``; ``what``: "edits" or "inpaintings") work on with
+    ``run``: the inputs (:class:`~difflab.edit.Inputs`; ``note`` is called with each of their notes
+    once they are read), the condition asked for, and the rows of every output: ``images`` (each input
+    ``-n`` times) and the condition's keywords."""
     import torch
 
     from difflab.captions import condition_rows, requests
     from difflab.edit import load_inputs
 
-    grid_file = check_outputs(args)
-    run = load_run_for(args)
     channels, size = run.image_shape[0], run.image_shape[1]
     inputs = load_inputs(args.image, size, channels)
-    for note in inputs.notes:
-        print(f"note: {note}")
+    for text in inputs.notes:
+        note(text)
     reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
     if len(reqs) > 1:
         raise ConfigError(f"{what} takes at most one condition (--class, --label or --prompt) for all its inputs; "
                           f"got {len(reqs)}")
     total = len(inputs.images) * args.n
     cond = {k: v if v.shape[0] == 1 else v[:1] for k, v in condition_rows(run.config.cond, reqs, 1).items()}
-    src = Path(args.image).expanduser()
-    out = Path(args.out).expanduser() if args.out else run.path / what / src.stem
     images = inputs.images.repeat_interleave(args.n, 0)
     assert images.shape[0] == total and images.dtype == torch.float32
-    return run, inputs, reqs, {"images": images, **cond}, out, grid_file
+    return inputs, reqs, {"images": images, **cond}
 
 
 def _finish(args: argparse.Namespace, run: Any, inputs: Any, reqs: list[Any], out: Path, grid_file: Path | None,
@@ -136,26 +150,47 @@ def _finish(args: argparse.Namespace, run: Any, inputs: Any, reqs: list[Any], ou
     return 0
 
 
+# The results of each command, from its flags, a loaded run and its prepared inputs: (an iterator of
+# (indices, images in [-1, 1]) batches, the inputs as its figure shows them, the record's task fields).
+# The iterators do the work lazily; ``callback`` sees every sampler step (difflab serve's progress).
+Results = tuple[Iterator[tuple[range, Any]], Any, dict[str, Any]]
+
+
 def run_edit(args: argparse.Namespace) -> int:
+    run, inputs, reqs, rows, out, grid_file = _prepare(args, "edits")
+    results, shown, record = edit_results(args, run, inputs, rows)
+    return _finish(args, run, inputs, reqs, out, grid_file, results, shown, record, "edits")
+
+
+def edit_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[str, Any], callback: Callback = None) -> Results:
+    """``difflab edit``'s results (SDEdit at ``--strength``) for :func:`prepare_inputs`'s inputs and rows."""
     from difflab.config import to_dict
     from difflab.samplers import make_grid, sample_batches
 
-    run, inputs, reqs, rows, out, grid_file = _prepare(args, "edits")
     cfg = sampler_config(args, run.config.sampler)
     grid = make_grid(run.schedule, cfg, args.strength)  # a bad --steps fails here, before any work
-    init = rows.pop("images")
+    init, cond = rows["images"], {k: v for k, v in rows.items() if k != "images"}
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
     results = sample_batches(denoiser, len(init), run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
-                             device=run.device, progress=not args.no_progress, init=init, strength=args.strength, **rows)
+                             device=run.device, progress=not args.no_progress, callback=callback, init=init,
+                             strength=args.strength, **cond)
     start_t = None if args.strength == 1.0 else float(grid.t[0])
-    return _finish(args, run, inputs, reqs, out, grid_file, results, inputs.images, {
+    return results, inputs.images, {
         "task": "sdedit", "strength": args.strength, "start_timestep": start_t,
         "steps_run": 0 if args.strength == 0 else len(grid),
         "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value,
-    }, "edits")
+    }
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
+    run, inputs, reqs, rows, out, grid_file = _prepare(args, "inpaintings")
+    results, shown, record = inpaint_results(args, run, inputs, rows)
+    return _finish(args, run, inputs, reqs, out, grid_file, results, shown, record, "inpaintings")
+
+
+def inpaint_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[str, Any], callback: Callback = None) -> Results:
+    """``difflab inpaint``'s results (RePaint with ``--mask`` or ``--mask-kind``) for :func:`prepare_inputs`'s
+    inputs and rows."""
     import torch
 
     from difflab.config import to_dict
@@ -163,7 +198,6 @@ def run_inpaint(args: argparse.Namespace) -> int:
     from difflab.edit.inpaint import DEFAULT_SAMPLER, network_calls
     from difflab.samplers import image_generators, make_grid
 
-    run, inputs, reqs, rows, out, grid_file = _prepare(args, "inpaintings")
     cfg = sampler_config(args, DEFAULT_SAMPLER)
     size = run.image_shape[1]
     if args.mask:
@@ -173,17 +207,17 @@ def run_inpaint(args: argparse.Namespace) -> int:
     else:
         masks = make_mask(args.mask_kind, size)[None].expand(len(inputs.images), -1, -1, -1)
     steps = len(make_grid(run.schedule, cfg))
-    images = rows.pop("images")
+    images, cond = rows["images"], {k: v for k, v in rows.items() if k != "images"}
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
     results = inpaint_batches(denoiser, images, masks.repeat_interleave(args.n, 0), len(images), cfg, jump=args.jump,
                               resample=args.resample, seed=args.seed, batch_size=args.batch_size, device=run.device,
-                              progress=not args.no_progress, **rows)
+                              progress=not args.no_progress, callback=callback, **cond)
     shown = torch.where(masks, torch.zeros(()), inputs.images)  # regenerated region shown mid-grey
-    return _finish(args, run, inputs, reqs, out, grid_file, results, shown, {
+    return results, shown, {
         "task": "inpaint", "mask": args.mask, "mask_kind": args.mask_kind, "jump": args.jump, "resample": args.resample,
         "network_calls_per_image": network_calls(steps, args.jump, args.resample),
         "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value,
-    }, "inpaintings")
+    }
 
 
 def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,29 +233,43 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    from difflab.config import to_dict
-    from difflab.edit import load_inputs
-    from difflab.edit.upscale import resize, upscale_batches
-
     grid_file = check_outputs(args)
     run = load_run_for(args)
+    inputs = upscale_inputs(args, run, note=lambda text: print(f"note: {text}"))
+    results, shown, record = upscale_results(args, run, inputs)
+    out = Path(args.out).expanduser() if args.out else run.path / "upscaled" / Path(args.image).expanduser().stem
+    return _finish(args, run, inputs, [], out, grid_file, results, shown, record, "upscaled", plain_names=True)
+
+
+def upscale_inputs(args: argparse.Namespace, run: Any, note: Callable[[str], None] = lambda text: None) -> Any:
+    """``difflab upscale``'s inputs (``--images``, fitted to the super-resolution ``run``'s --from size;
+    ``note`` is called with each change made)."""
+    from difflab.edit import load_inputs
+
     up = run.config.upscale
     if not up.active:
         raise ConfigError(f"--run {args.run} is not a super-resolution run (train one with --task upscale --from SIZE)")
-    channels, size = run.image_shape[0], run.image_shape[1]
-    inputs = load_inputs(args.image, up.from_size, channels, "--images")
-    for note in inputs.notes:
-        print(f"note: {note}")
+    inputs = load_inputs(args.image, up.from_size, run.image_shape[0], "--images")
+    for text in inputs.notes:
+        note(text)
+    return inputs
+
+
+def upscale_results(args: argparse.Namespace, run: Any, inputs: Any, callback: Callback = None) -> Results:
+    """``difflab upscale``'s results for :func:`upscale_inputs`'s inputs."""
+    from difflab.config import to_dict
+    from difflab.edit.upscale import resize, upscale_batches
+
+    up, size = run.config.upscale, run.image_shape[1]
     cfg = sampler_config(args, run.config.sampler)
-    out = Path(args.out).expanduser() if args.out else run.path / "upscaled" / Path(args.image).expanduser().stem
     denoiser = run.denoiser(args.clip, args.precision)
     low = inputs.images.repeat_interleave(args.n, 0)
     results = upscale_batches(denoiser, low, up, size, cfg, seed=args.seed, batch_size=args.batch_size,
-                              device=run.device, progress=not args.no_progress)
-    return _finish(args, run, inputs, [], out, grid_file, results, resize(inputs.images, size), {
+                              device=run.device, progress=not args.no_progress, callback=callback)
+    return results, resize(inputs.images, size), {
         "task": "upscale", "from_size": up.from_size, "size": size, "sampler": to_dict(cfg),
         "grid_kind": cfg.grid_kind.value,
-    }, "upscaled", plain_names=True)
+    }
 
 
 COMMANDS: dict[str, Command] = {

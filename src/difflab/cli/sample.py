@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difflab.cli.common import (
     Command,
@@ -26,6 +27,12 @@ from difflab.cli.common import (
     sampler_name,
 )
 from difflab.errors import ConfigError
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs
+    from difflab.captions import Request
+    from difflab.denoiser import Denoiser
+    from difflab.runs import LoadedRun
+    from difflab.samplers import SamplerConfig
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,38 +57,64 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    import torch
+@dataclass(frozen=True)
+class SamplePlan:
+    """What ``difflab sample`` generates, resolved from its flags against a loaded run: the sampler
+    config, the conditions asked for (``reqs``; none = unconditional), the per-image condition rows
+    (the keywords of :func:`difflab.samplers.sample_batches`) and the number of images. ``difflab
+    serve`` builds the same plan from the command line it shows, so the page and the CLI agree."""
 
+    args: argparse.Namespace
+    cfg: SamplerConfig
+    reqs: list[Request]
+    cond: dict[str, Any]
+    total: int
+
+    def denoiser(self, run: LoadedRun) -> Denoiser:
+        a = self.args
+        return run.denoiser(a.clip, a.precision, a.compile, guidance=a.guidance, guidance_interval=a.guidance_interval)
+
+
+def plan_sample(args: argparse.Namespace, run: LoadedRun) -> SamplePlan:
+    """The :class:`SamplePlan` of ``sample``'s flags ``args`` for ``run``; every bad option is a
+    one-line error here, before any work."""
     from difflab.captions import condition_rows, requests
-    from difflab.config import to_dict
-    from difflab.edit.upscale import upscale_batches
-    from difflab.records import conditions
-    from difflab.sample_sets import abandon, claim, finish
-    from difflab.samplers import make_grid, sample_batches
-    from difflab.visualize.images import ImageFormat, save_grid, save_numbered
+    from difflab.samplers import make_grid
 
-    grid_file = check_outputs(args)
-    run = load_run_for(args)
     if run.config.upscale.active:
         raise ConfigError(f"--run {args.run} is a super-resolution run (from {run.config.upscale.from_size} px): use "
                           "difflab upscale --run SR --images ..., or difflab sample --run BASE --upscale-run SR")
     cfg = sampler_config(args, run.config.sampler)
-    stage = _upscale_stage(args, run) if args.upscale_run else None
     make_grid(run.schedule, cfg)  # a bad --steps fails here, before any work
     reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
     if args.start and reqs:
         raise ConfigError("--start splits an unconditional sample set; with --class/--label/--prompt sample each on its own")
     cond: dict[str, Any] = dict(condition_rows(run.config.cond, reqs, args.n))  # keywords of sample_batches
-    total = args.n * max(len(reqs), 1)
+    return SamplePlan(args, cfg, reqs, cond, args.n * max(len(reqs), 1))
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from difflab.config import to_dict
+    from difflab.edit.upscale import upscale_batches
+    from difflab.records import conditions
+    from difflab.sample_sets import abandon, claim, finish
+    from difflab.samplers import sample_batches
+    from difflab.visualize.images import ImageFormat, save_grid, save_numbered
+
+    grid_file = check_outputs(args)
+    run = load_run_for(args)
+    plan = plan_sample(args, run)
+    cfg, reqs, cond, total = plan.cfg, plan.reqs, plan.cond, plan.total
+    stage = _upscale_stage(args, run) if args.upscale_run else None
     T = run.schedule.num_timesteps
     out = Path(args.out).expanduser() if args.out else run.path / "samples" / sampler_name(cfg, T)
     kept: list[torch.Tensor] = []
     per_row = min(args.n, 8)
     by_row = len(reqs) > 1  # several conditions: one grid row each; one (or none): the first 64 images
     t0 = time.monotonic()
-    denoiser = run.denoiser(args.clip, args.precision, args.compile, guidance=args.guidance,
-                            guidance_interval=args.guidance_interval)
+    denoiser = plan.denoiser(run)
     fmt = ImageFormat(args.format).value
     # claim the images before writing any: refuses a folder holding another sampling's images (one line)
     record_file, record, notes = claim(out, {

@@ -131,6 +131,9 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = resolve_config(preset=args.preset, recipe=_recipe(args), toml=toml, flags=_train_flags(args),
                              overrides=overrides)
         cfg = _conditioned(cfg)
+    if cfg.foreign is not None:  # difflab import: the network is another library's
+        raise ConfigError(f"--out {args.out} holds an imported {cfg.foreign.label}: difflab trains its own UNet only "
+                          "(sample, progress, compare, eval and export work on imported runs)")
     return train_and_report(Trainer, cfg, args, resuming)
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from difflab.conditioning import Cond, take
 from difflab.denoiser import Denoiser
 from difflab.errors import ConfigError
+from difflab.samplers.base import Callback, Step
 from difflab.samplers.ddim import ddim_step
 from difflab.samplers.grid import Grid
 from difflab.samplers.noise import Generators, image_generators, randn
@@ -57,8 +58,9 @@ def repaint_path(steps: int, jump: int, resample: int) -> list[tuple[int, int]]:
 
 
 def _inpaint(denoiser: Denoiser, grid: Grid, path: list[tuple[int, int]], known: Tensor, regen: Tensor, eta: float,
-             gens: Generators, cond: Cond) -> Tensor:
-    """One batch along ``path``: see the module docstring."""
+             gens: Generators, cond: Cond, callback: Callback = None) -> Tensor:
+    """One batch along ``path``: see the module docstring. ``callback`` sees each denoising move, its
+    ``i`` counting the moves made (0 ... :func:`network_calls` - 1), not the grid point."""
     abar, shape, device = grid.alpha_bar.tolist(), known.shape, known.device
 
     def noised(level: int) -> Tensor:  # the input at grid point `level`, a fresh forward-process draw
@@ -67,10 +69,14 @@ def _inpaint(denoiser: Denoiser, grid: Grid, path: list[tuple[int, int]], known:
         return math.sqrt(abar[level]) * known + math.sqrt(1 - abar[level]) * randn(shape, gens, device=device)
 
     x = torch.where(regen, randn(shape, gens, device=device), noised(0))
+    moves = 0
     for i, j in path:
         if j == i + 1:
             out = denoiser.predict(x, float(grid.t[i]), **cond)
-            x = torch.where(regen, ddim_step(x, out.x0, out.eps, abar[i], abar[j], eta, gens), noised(j))
+            x_next = torch.where(regen, ddim_step(x, out.x0, out.eps, abar[i], abar[j], eta, gens), noised(j))
+            if callback is not None:
+                callback(Step(moves, float(grid.t[i]), float(grid.sigma[i]), x, out.x0, x_next))
+            x, moves = x_next, moves + 1
         else:  # back to grid point j by the forward process q(x_j | x_i)
             r = abar[j] / abar[i]
             x = math.sqrt(r) * x + math.sqrt(1 - r) * randn(shape, gens, device=device)
@@ -96,12 +102,14 @@ def inpaint_batches(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    callback: Callback = None,
     **cond: Any,
 ) -> Iterator[tuple[range, Tensor]]:
     """Yield (image indices, images in [-1, 1]); image k uses seed (seed, k), whatever the batch.
 
     ``images`` (n or 1 rows) in [-1, 1] and ``mask`` (n or 1 rows, one channel or all; True =
-    regenerate). ``cond`` as in :func:`difflab.samplers.sample_batches`. ``cfg`` must be ddpm or ddim."""
+    regenerate). ``cond`` as in :func:`difflab.samplers.sample_batches`. ``cfg`` must be ddpm or ddim.
+    ``callback`` sees every denoising move of each batch (:func:`network_calls` per batch)."""
     if cfg.sampler not in (SamplerKind.DDPM, SamplerKind.DDIM):
         raise ConfigError(f"inpainting takes --sampler ddpm or ddim (RePaint jumps back, which a multistep solver's "
                           f"history does not survive), not {cfg.sampler.value}")
@@ -123,7 +131,8 @@ def inpaint_batches(
         gens = image_generators(seed, idx)
         known = take({"x": images}, rows, n)["x"].to(device)
         regen = take({"m": mask}, rows, n)["m"].to(device)
-        x = _inpaint(denoiser, grid, path, known, regen, eta, gens, {k: v.to(device) for k, v in take(cond, rows, n).items()})
+        x = _inpaint(denoiser, grid, path, known, regen, eta, gens, {k: v.to(device) for k, v in take(cond, rows, n).items()},
+                     callback)
         yield idx, x
         bar.update(len(idx))
     bar.close()
