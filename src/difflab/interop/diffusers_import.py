@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from difflab.config import from_dict
 from difflab.errors import CheckpointError, ConfigError
@@ -45,6 +43,7 @@ from difflab.models.foreign import ForeignKind, ForeignNetwork
 from difflab.parametrization import Prediction
 from difflab.samplers import SamplerConfig, SamplerKind
 from difflab.schedule import BetaSchedule, ScheduleConfig, VarianceType
+from difflab.train.checkpoint import load_tensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -180,12 +179,7 @@ def read_weights(unet_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"weights file {path} does not exist") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"weights file {path} is damaged: {str(e).splitlines()[0]}") from None
+    return load_tensors(path, "weights file")
 
 
 # -- the scheduler ----------------------------------------------------------------------------------------

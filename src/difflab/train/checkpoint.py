@@ -59,13 +59,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     _fsync_file(path)
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, what: str = "checkpoint file") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or one CheckpointError naming it as ``what``."""
     try:
         return load_file(str(path))
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
+        raise CheckpointError(f"{what} {path} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {path} is damaged: {e}") from None
+        raise CheckpointError(f"{what} {path} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
