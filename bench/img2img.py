@@ -3,6 +3,8 @@ the cascade (a 32 px base run + the SR run) against a single-stage 64 px run tra
 minutes, and the SDEdit / inpainting figures.
 
     python bench/img2img.py --data ../shared/data/anime-faces --minutes-base 15 --minutes-sr 15 --out runs/img2img
+    # another SR stage beside the same base, single-stage and held-out sets, trained by steps:
+    python bench/img2img.py --out runs/img2img-s700 --reuse runs/img2img --sr-steps 700 --stages train,sr
 
 Stages (each kept when the command runs again):
 1. split: the last 1000 ids (23000 ... 23999) are held out; training sees the other 23000.
