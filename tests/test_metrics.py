@@ -616,3 +616,15 @@ def test_psnr_and_ssim_closed_forms():
     assert torch.allclose(psnr(noise.double() / 127.5 - 1, blurred.double() / 127.5 - 1), psnr(noise, blurred))
     with pytest.raises(ConfigError, match="11x11 window"):
         ssim(noise[:, :, :8, :8], noise[:, :, :8, :8])
+
+
+def test_the_kid_row_has_no_spread_when_every_subset_is_every_image():
+    """With 1000 generated and 1000 real images and subsets of 1000, all subsets are the same: the summary says so
+    instead of printing a standard deviation of 0 that reads like a measured precision."""
+    from difflab.metrics.evaluate import format_table
+
+    base = {"n_fake": 1000, "n_real": 1000, "kid_mean": 0.0151, "kid_std": 0.0,
+            "protocol": {"kid": {"subset_size": 1000}}, "timings": {"total_s": 1.0}}
+    assert "no spread" in format_table(base) and "+-" not in format_table(base)
+    more = {**base, "n_fake": 5000, "kid_std": 0.002}
+    assert "0.01510 +- 0.00200" in format_table(more)

@@ -277,7 +277,11 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("fid") is not None:
         rows.append(("FID", _fmt(result["fid"], ".3f")))
     if result.get("kid_mean") is not None:
-        rows.append(("KID", f"{result['kid_mean']:.5f} +- {result['kid_std']:.5f}"))
+        m = (result.get("protocol") or {}).get("kid", {}).get("subset_size")
+        if m is not None and m == result.get("n_fake") == result.get("n_real"):  # every subset holds every image
+            rows.append(("KID", f"{result['kid_mean']:.5f} (each subset is all {m} images of both sets: no spread to report)"))
+        else:
+            rows.append(("KID", f"{result['kid_mean']:.5f} +- {result['kid_std']:.5f}"))
     if result.get("precision") is not None:
         rows.append(("precision / recall", f"{result['precision']:.4f} / {result['recall']:.4f} (k = {PR_K})"))
     for key, value in result.items():
