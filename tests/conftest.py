@@ -5,11 +5,12 @@ it skip on a user's machine, but fail under CI (``CI=true``) when it is missing.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from needs import missing
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -17,9 +18,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def _shared(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs the shared data set {path}, which is missing")
-        pytest.skip(f"shared data {path} not present on this machine")
+        missing(f"the shared data set {path}")
     return path
 
 
@@ -53,9 +52,7 @@ def fid_weights(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     try:
         return resolve_weights(cache=folder)
     except WeightsError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs the FID weights: {e}")
-        pytest.skip(f"FID weights not available: {e}")
+        missing("the FID weights", str(e))
 
 
 @pytest.fixture(autouse=True)

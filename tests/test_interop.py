@@ -26,6 +26,7 @@ from difflab.parametrization import LossConfig, Prediction
 from difflab.runs import load_run
 from difflab.schedule import NoiseSchedule, ScheduleConfig
 from difflab.train.checkpoint import save_checkpoint, start_run_dir
+from needs import missing
 
 
 def _require(module: str, why: str):
@@ -33,9 +34,7 @@ def _require(module: str, why: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs {module} ({why}): {e}")
-        pytest.skip(f"{module} is not installed ({why}; `make venv` installs it): {e}")
+        missing(f"{module} ({why})", f"`make venv` installs it: {e}")
 
 
 def run_cli(capsys, *argv):

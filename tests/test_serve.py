@@ -10,6 +10,7 @@ The browser tests skip, saying so, where no Chromium or no Playwright is found (
 chromium``; ``.ci/run`` installs it, and under CI a missing browser fails)."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import select
@@ -30,8 +31,10 @@ from PIL import Image
 from difflab.cli import main
 from difflab.conditioning import CondConfig
 from difflab.errors import ConfigError, DataError, DifflabError
+from needs import missing
 
-pytest.importorskip("starlette", reason="difflab serve needs the ui extra (pip install -e '.[ui]')")
+if importlib.util.find_spec("starlette") is None:
+    missing("the ui extra (starlette) for difflab serve", "pip install -e '.[ui]'", module_level=True)
 
 from difflab.serve.jobs import Job, JobQueue, QueueFull, State  # noqa: E402
 from difflab.serve.studio import Limits, Studio  # noqa: E402
@@ -311,9 +314,7 @@ def _chromium() -> str:
 
 
 def _skip(why: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI runs the browser tests of difflab serve, but {why}")
-    pytest.skip(f"browser tests of difflab serve skipped: {why}")
+    missing("a browser for the tests of difflab serve", why)
 
 
 @pytest.fixture(scope="module")

