@@ -193,7 +193,7 @@ def test_train_refuses_to_overwrite(capsys, trained_run, image_folder):
 
 
 EVERY_COMMAND = ["train", "demo", "sample", "edit", "inpaint", "upscale", "eval", "fid-stats", "noise", "progress", "animate", "curves",
-                 "compare", "gan", "import", "export", "serve"]
+                 "compare", "gan", "import", "export", "serve", "train-autoencoder"]
 
 
 def test_help_lists_every_command(capsys):

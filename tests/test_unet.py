@@ -348,8 +348,8 @@ def test_presets_and_overrides():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"in_channels": 2}, "in_channels must be 1 or 3"),
-        ({"in_channels": 3.0}, "in_channels must be 1 or 3"),
+        ({"in_channels": 0}, "in_channels must be an integer in 1..64"),
+        ({"in_channels": 3.0}, "in_channels must be an integer in 1..64"),
         ({"image_size": 30}, "image_size=30 must be divisible by 4"),
         ({"norm_groups": 24}, "norm_groups=24 must divide base_channels=64"),
         ({"norm_group_channels": 24}, "norm_group_channels=24 must divide base_channels=64"),

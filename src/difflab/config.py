@@ -175,6 +175,45 @@ class UpscaleConfig:
 
 
 @dataclass(frozen=True)
+class LatentConfig:
+    """A latent-diffusion run (``difflab train --latent-of AE_RUN``; Rombach et al. 2022): the UNet
+    (``model.*``: ``channels`` channels at ``data.image_size / downsample`` px) learns the
+    autoencoder's latents of the ``data.image_size`` images, each channel normalised as
+    ``(z - mean) / std`` with the statistics the autoencoder run measured on its training data, so the
+    diffusion sees unit-variance latents (and ``loss.sigma_data`` is 1). The autoencoder's EMA weights
+    and config are copied into the run (``RUN/autoencoder/``) when training starts, so the run samples on
+    its own; ``autoencoder`` and ``step`` record where they came from. ``channels`` 0 = a pixel-space run."""
+
+    autoencoder: str = ""
+    step: int = 0
+    channels: int = 0
+    downsample: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("step", "channels", "downsample"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"latent.{name} must be a non-negative integer, got {v!r}")
+        if not self.active:
+            if self.mean or self.std or self.autoencoder:
+                raise ConfigError("latent.mean/std/autoencoder are set but latent.channels is 0 (not a latent run)")
+            return
+        if self.downsample < 2:
+            raise ConfigError(f"latent.downsample must be >= 2 in a latent run, got {self.downsample}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ConfigError(f"latent.mean and latent.std need {self.channels} values each (one per latent channel), "
+                              f"got {len(self.mean)} and {len(self.std)}")
+        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ConfigError("latent.mean must be finite and latent.std finite and positive")
+
+    @property
+    def active(self) -> bool:
+        return self.channels > 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: UNetConfig = field(default_factory=lambda: unet_config("small"))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -193,9 +232,13 @@ class RunConfig:
     # an imported network (difflab import; difflab.models.foreign): built from this table, with model.* recording
     # only its image size and channels; None = difflab's own UNet of model.*
     foreign: ForeignNetwork | None = None
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def __post_init__(self) -> None:
-        if self.model.image_size != self.data.image_size:
+        lat = self.latent
+        if lat.active:
+            self._check_latent()
+        elif self.model.image_size != self.data.image_size:
             raise ConfigError(
                 f"model.image_size={self.model.image_size} differs from data.image_size={self.data.image_size}"
             )
@@ -216,6 +259,22 @@ class RunConfig:
         if f is not None and (self.model.image_size, self.model.in_channels) != (f.resolution, f.channels):
             raise ConfigError(f"the imported {f.label} makes {f.channels}-channel {f.resolution} px images, but model.* "
                               f"says {self.model.in_channels}-channel {self.model.image_size} px")
+
+    def _check_latent(self) -> None:
+        lat, m, d = self.latent, self.model, self.data
+        if d.image_size % lat.downsample or m.image_size != d.image_size // lat.downsample:
+            raise ConfigError(f"a latent run of {d.image_size} px images with downsample {lat.downsample} needs "
+                              f"model.image_size={d.image_size // lat.downsample}, got {m.image_size}")
+        if m.in_channels != lat.channels:
+            raise ConfigError(f"model.in_channels={m.in_channels} but the autoencoder's latents have {lat.channels} channels")
+        if self.upscale.active:
+            raise ConfigError("--latent-of and --task upscale cannot be combined (super-resolution runs are pixel-space)")
+        if self.foreign is not None:
+            raise ConfigError("an imported network cannot be a latent run")
+        aug = d.augment
+        if aug.rotate_degrees or aug.brightness or aug.contrast:
+            raise ConfigError("a latent run trains on latents encoded once: of the augmentations only data.augment.hflip "
+                              "(both orientations are encoded) is possible; set rotate_degrees, brightness and contrast to 0")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -464,9 +523,20 @@ def resolve_config(
         raw["sampler"] = to_dict(SamplerConfig.default_for(kind, **given))
     # The network is built for the data: image size and channels come from the data section unless
     # model.* says otherwise (then RunConfig's consistency check reports a clash).
+    latent = raw.get("latent") or {}
+    if latent.get("channels"):  # a latent run: the network sees latents, not pixels (see LatentConfig)
+        down = latent.get("downsample") or 1
+        size = raw["data"]["image_size"] // down if isinstance(raw["data"]["image_size"], int) else raw["data"]["image_size"]
+        if "model.in_channels" not in explicit:
+            raw["model"]["in_channels"] = latent["channels"]
+        if "loss.sigma_data" not in explicit:
+            raw["loss"]["sigma_data"] = 1.0
+        explicit.add("model.in_channels")
+    else:
+        size = raw["data"]["image_size"]
     if "model.image_size" not in explicit:
-        _check_image_size(raw["data"]["image_size"], raw["model"], name)
-        raw["model"] = _resize_model(raw["model"], raw["data"]["image_size"])
+        _check_image_size(size, raw["model"], name)
+        raw["model"] = _resize_model(raw["model"], size)
     if "model.in_channels" not in explicit:
         if raw["data"].get("channels"):
             raw["model"]["in_channels"] = raw["data"]["channels"]

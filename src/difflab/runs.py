@@ -6,6 +6,7 @@ and step; ``LoadedRun.denoiser()`` is the network as a sampler's denoiser on the
     from difflab import load_run, sample
     run = load_run("runs/faces")
     images = sample(run.denoiser(), 16, run.image_shape, run.config.sampler)   # floats in [-1, 1]
+    images = run.to_pixels(images)   # a latent run's latents decoded (pixel-space runs: unchanged)
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 
 from difflab.config import RunConfig
 from difflab.denoiser import Clip, Denoiser
-from difflab.errors import CheckpointError, parse_choice
+from difflab.errors import CheckpointError, ConfigError, parse_choice
+from difflab.latent import LatentCodec, load_codec
 from difflab.models.foreign import build_network
 from difflab.parametrization import LossConfig, Prediction
 from difflab.precision import Precision, autocast_dtype, require_compiler, to_memory_format
@@ -57,17 +59,45 @@ class LoadedRun:
     model: torch.nn.Module  # difflab's UNet, or an imported network (config.foreign)
     schedule: NoiseSchedule
     step: int
+    codec: LatentCodec | None = None  # a latent run's frozen autoencoder (difflab.latent); None = pixel space
 
-    def denoiser(self, clip: Clip | str = Clip.CLIP, precision: Precision | str = Precision.AUTO,
+    def clip_mode(self, clip: Clip | str | None = None) -> Clip:
+        """``clip``, or the run's default for None: ``clip`` for a pixel-space run, ``none`` for a latent run
+        (latents have no [-1, 1] range; asking to clip them is one line)."""
+        if clip is None:
+            return Clip.NONE if self.codec is not None else Clip.CLIP
+        mode = parse_choice(Clip, clip, "--clip")
+        if self.codec is not None and mode is not Clip.NONE:
+            raise ConfigError(f"--clip {mode.value}: run {self.path} is a latent run, and latents have no [-1, 1] range "
+                              "to clip to (its images are clipped after decoding)")
+        return mode
+
+    def to_pixels(self, x: torch.Tensor, precision: Precision | str = Precision.AUTO) -> torch.Tensor:
+        """Sampler output as images in [-1, 1]: a latent run's latents are decoded (in bf16 where
+        ``precision`` auto finds it fast, like the network), a pixel-space run's output is returned as is."""
+        if self.codec is None:
+            return x
+        self.codec.autocast = autocast_dtype(parse_choice(Precision, precision, "--precision"), self.codec.device)
+        return self.codec.decode(x)
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the run makes (after decoding, for a latent run)."""
+        if self.codec is None:
+            return self.image_shape
+        return (3, self.codec.image_size, self.codec.image_size)
+
+    def denoiser(self, clip: Clip | str | None = None, precision: Precision | str = Precision.AUTO,
                  compile: bool = False, guidance: float = 1.0,
                  guidance_interval: tuple[float, float] | None = None) -> Denoiser:
         """The run's network as a denoiser; x0_hat is clipped to the data range [-1, 1] by default
-        (as in DDPM and improved-diffusion), which keeps undertrained models from saturating.
+        (as in DDPM and improved-diffusion), which keeps undertrained models from saturating; a latent
+        run's default is no clipping (see :meth:`clip_mode`).
         ``precision`` auto runs the network in bf16 autocast where the hardware does bf16 natively
         (2.5x the images/s of fp32 for the 'small' preset on this project's CPU); fp32 forces fp32.
         ``compile`` wraps the network in ``torch.compile`` (the first batches pay the compilation).
         ``guidance`` is the classifier-free guidance weight (see :class:`Denoiser`)."""
-        return sampling_denoiser(self.model, self.schedule, self.config.loss, clip=clip, precision=precision,
+        return sampling_denoiser(self.model, self.schedule, self.config.loss, clip=self.clip_mode(clip), precision=precision,
                                  compile=compile, guidance=guidance, guidance_interval=guidance_interval)
 
     @property
@@ -77,6 +107,7 @@ class LoadedRun:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the network denoises: images, or a latent run's latents."""
         m = self.config.model
         return (m.in_channels, m.image_size, m.image_size)
 
@@ -94,7 +125,9 @@ def load_run(run_dir: str | os.PathLike[str], *, weights: Weights | str = Weight
     model = build_network(cfg)
     load_weights(model, ckpt.tensors(weights.value), ckpt.path / f"{weights.value}.safetensors", run / CONFIG)
     model = to_memory_format(model.to(device)).eval().requires_grad_(False)
-    return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"])
+    codec = load_codec(run, cfg.latent, device=device) if cfg.latent.active else None
+    return LoadedRun(path=run, config=cfg, model=model, schedule=NoiseSchedule(cfg.schedule), step=ckpt.state["step"],
+                     codec=codec)
 
 
 def refuse_gan_run(run: Path, hint: str) -> None:

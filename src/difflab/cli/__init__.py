@@ -9,6 +9,7 @@
 | :mod:`.visualize`         | ``noise``, ``progress``, ``animate``, ``curves``, ``compare`` |
 | :mod:`.serve`             | ``serve`` (the local web page, :mod:`difflab.serve`) |
 | :mod:`.interop`           | ``import`` (diffusers, denoising-diffusion-pytorch), ``export`` (diffusers) |
+| :mod:`.autoencoder`       | ``train-autoencoder`` (the KL autoencoder of latent diffusion) |
 | :mod:`.common`            | the parser, argument types, run and sampler options, output checks |
 
 Every user mistake (bad flag, missing path, incompatible options, damaged file) is reported as one
@@ -23,7 +24,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from difflab.cli import edit, evaluate, gan, interop, sample, serve, train, visualize
+from difflab.cli import autoencoder, edit, evaluate, gan, interop, sample, serve, train, visualize
 from difflab.cli.common import EXIT_USAGE, Command, Parser
 from difflab.errors import DifflabError, DifflabWarning
 
@@ -32,7 +33,7 @@ __all__ = ["EXIT_USAGE", "build_parser", "commands", "main"]
 
 def commands() -> dict[str, Command]:
     return {**train.COMMANDS, **sample.COMMANDS, **edit.COMMANDS, **evaluate.COMMANDS, **visualize.COMMANDS,
-            **gan.COMMANDS, **serve.COMMANDS, **interop.COMMANDS}
+            **gan.COMMANDS, **serve.COMMANDS, **interop.COMMANDS, **autoencoder.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,8 +99,9 @@ def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> Non
 
     p.add_argument("--run", required=True, help="a run directory made by `difflab train`")
     p.add_argument("--weights", default=Weights.EMA.value, choices=choices(Weights), help="EMA (default) or raw weights")
-    p.add_argument("--clip", default=Clip.CLIP.value, choices=choices(Clip),
-                   help="x0_hat clipping to the data range [-1, 1] at each step (default clip; dynamic = Imagen thresholding)")
+    p.add_argument("--clip", default=None, choices=choices(Clip),
+                   help="x0_hat clipping to the data range [-1, 1] at each step (default clip, none for a latent run; "
+                        "dynamic = Imagen thresholding)")
     p.add_argument("--precision", default=Precision.AUTO.value, choices=choices(Precision),
                    help="network precision: auto = bf16 autocast where the CPU/GPU does bf16 natively (default)")
     if compile:
@@ -116,12 +117,19 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; a seed gives the same noise on every device")
 
 
-def load_run_for(args: argparse.Namespace, run: str | None = None) -> Any:
-    """``--run`` (or ``run``) loaded with ``--weights`` on ``--device``."""
+def load_run_for(args: argparse.Namespace, run: str | None = None, *, latent: bool = False) -> Any:
+    """``--run`` (or ``run``) loaded with ``--weights`` on ``--device``; ``--clip`` left out becomes the
+    run's default. A latent run (:mod:`difflab.latent`) is one line unless the command takes one (``latent``)."""
     from difflab.devices import resolve_device
     from difflab.runs import load_run
 
-    return load_run(run or args.run, weights=args.weights, device=resolve_device(args.device))
+    loaded = load_run(run or args.run, weights=args.weights, device=resolve_device(args.device))
+    if loaded.codec is not None and not latent:
+        raise ConfigError(f"--run {run or args.run} is a latent run (diffusion on an autoencoder's latents): difflab "
+                          f"{getattr(args, 'command', None) or 'this command'} works on pixel-space runs; difflab sample takes it")
+    if hasattr(args, "clip"):
+        args.clip = loaded.clip_mode(args.clip).value
+    return loaded
 
 
 # -- what to generate ---------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from difflab.visualize.images import ImageFormat, save_grid, save_numbered
 
     grid_file = check_outputs(args)
-    run = load_run_for(args)
+    run = load_run_for(args, latent=True)
     plan = plan_sample(args, run)
     cfg, reqs, cond, total = plan.cfg, plan.reqs, plan.cond, plan.total
     stage = _upscale_stage(args, run) if args.upscale_run else None
@@ -133,6 +133,7 @@ def run_sample(args: argparse.Namespace) -> int:
     try:
         for idx, imgs in sample_batches(denoiser, total, run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
                                         start=args.start, device=run.device, progress=not args.no_progress, **cond):
+            imgs = run.to_pixels(imgs, args.precision)  # a latent run's latents decoded to images
             if stage is not None:  # the cascade's second stage, on this batch (image k keeps its index and seed)
                 sr_run, sr_denoiser, sr_cfg = stage
                 imgs = torch.cat([b for _, b in upscale_batches(
@@ -165,9 +166,9 @@ def _upscale_stage(args: argparse.Namespace, run: Any) -> tuple[Any, Any, Any]:
     if not up.active:
         raise ConfigError(f"--upscale-run {args.upscale_run} is not a super-resolution run "
                           "(train it with --task upscale --from SIZE)")
-    if (up.from_size, sr.image_shape[0]) != (run.image_shape[1], run.image_shape[0]):
+    if (up.from_size, sr.image_shape[0]) != (run.pixel_shape[1], run.pixel_shape[0]):
         raise ConfigError(f"--upscale-run {args.upscale_run} upscales {sr.image_shape[0]}-channel {up.from_size} px images, but "
-                          f"--run {args.run} makes {run.image_shape[0]}-channel {run.image_shape[1]} px images")
+                          f"--run {args.run} makes {run.pixel_shape[0]}-channel {run.pixel_shape[1]} px images")
     cfg = sr.config.sampler if args.upscale_steps is None else dataclasses.replace(sr.config.sampler, steps=args.upscale_steps)
     return sr, sr.denoiser(args.clip, args.precision), cfg
 

@@ -40,6 +40,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "--image-size image from its --from version (SR3; use with difflab upscale or sample --upscale-run)")
     p.add_argument("--from", dest="from_size", type=positive_int, metavar="SIZE",
                    help="--task upscale: the low resolution it upscales from, e.g. 32 (training pairs are made on the fly)")
+    p.add_argument("--latent-of", metavar="AE_RUN",
+                   help="latent diffusion: train on the latents of this autoencoder run (difflab train-autoencoder); the "
+                        "data is encoded once, the image size is the autoencoder's, and difflab sample decodes to images")
     p.add_argument("--out", help="run directory to create (or continue, with --resume)")
     p.add_argument("--config", help="a TOML file with [model], [schedule], [loss], [data], [train], [sampler] tables")
     p.add_argument("--recipe", choices=list(RECIPES),
@@ -69,13 +72,33 @@ def _train_flags(args: argparse.Namespace) -> dict:
         raise ConfigError("--task upscale needs --from SIZE, the resolution it upscales from (e.g. --from 32)")
     if getattr(args, "from_size", None) and args.task != "upscale":
         raise ConfigError("--from is for --task upscale (a super-resolution run)")
+    latent = _latent_flags(args) if getattr(args, "latent_of", None) else {}
     return {
+        **latent,
         "upscale.from_size": getattr(args, "from_size", None),
         "data.source": args.data, "data.image_size": args.image_size, "data.channels": args.channels,
         "data.labels": args.labels, "cond.captions": True if args.captions else None,
         "train.max_steps": args.max_steps, "train.minutes": args.minutes, "train.batch_size": args.batch_size,
         "train.lr": args.lr, "train.seed": args.seed,
     }
+
+
+def _latent_flags(args: argparse.Namespace) -> dict:
+    """``--latent-of``: the latent.* settings and the autoencoder's image size (a different --image-size or
+    --channels is one line)."""
+    from difflab.latent import latent_settings
+
+    if getattr(args, "task", None) == "upscale":
+        raise ConfigError("--latent-of and --task upscale cannot be combined (super-resolution runs are pixel-space)")
+    found = latent_settings(args.latent_of)
+    size = found["data.image_size"]
+    if args.image_size is not None and args.image_size != size:
+        raise ConfigError(f"--image-size {args.image_size}: the autoencoder {args.latent_of} works at {size} px "
+                          "(leave --image-size out)")
+    if args.channels is not None and args.channels != 3:
+        raise ConfigError(f"--channels {args.channels}: the autoencoder {args.latent_of} takes RGB images")
+    args.image_size, args.channels = size, 3
+    return found
 
 
 def _recipe(args: argparse.Namespace) -> str | None:

@@ -141,8 +141,9 @@ class UNetConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place: lists -> tuples, strings -> enums, ints -> floats
         _check_int("image_size", self.image_size, 1)
-        if type(self.in_channels) is not int or self.in_channels not in (1, 3):
-            raise ConfigError(f"UNetConfig.in_channels must be 1 or 3, got {self.in_channels!r}")
+        # images: 1 or 3 channels; a latent run (difflab.latent): the autoencoder's latent channels
+        if type(self.in_channels) is not int or not 1 <= self.in_channels <= 64:
+            raise ConfigError(f"UNetConfig.in_channels must be an integer in 1..64 (1 or 3 for images), got {self.in_channels!r}")
         _check_int("base_channels", self.base_channels, 1)
         set_(self, "channel_mults", _check_int_tuple("channel_mults", self.channel_mults, 1))
         if not self.channel_mults:

@@ -327,12 +327,14 @@ class Studio:
 
         def work(job: Job) -> None:
             job.set_total(steps * math.ceil(plan.total / args.batch_size))
-            job.render_preview = preview_png
+            # a latent run's x0 estimate is decoded for the preview, its samples for the results
+            job.render_preview = preview_png if run.codec is None else (lambda x0: preview_png(run.to_pixels(x0, args.precision)))
             denoiser = plan.denoiser(run)
             for idx, imgs in sample_batches(denoiser, plan.total, run.image_shape, plan.cfg, seed=args.seed,
                                             batch_size=args.batch_size, start=args.start, device=run.device,
                                             progress=False, callback=job.step, **plan.cond):
                 job.check()
+                imgs = run.to_pixels(imgs, args.precision)
                 save_numbered(imgs, folder, idx.start, "png")  # what `difflab sample --format png` writes
                 for k in idx:
                     self._add(job, "generate", k, seed, f"{args.out}/{k + 1}.png")
@@ -346,6 +348,9 @@ class Studio:
         from difflab.edit.inpaint import DEFAULT_SAMPLER
 
         run = self.run
+        if run.codec is not None:
+            raise ConfigError(f"{self.run_arg} is a latent run: SDEdit and inpainting work on pixel-space runs; "
+                              "this page generates with it")
         T = run.schedule.num_timesteps
         image = self.path_of(form.text("image"), "Image")
         cond_flags, what = self._condition(form, required=False)

@@ -44,6 +44,7 @@ from difflab.devices import resolve_device, to_device
 from difflab.edit.upscale import measure_scale, resize, training_pair, upscale_batches
 from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning, OutputError
 from difflab.io import atomic_write_bytes
+from difflab.latent import LatentCodec, codec_from_run, encode_images, freeze, load_codec
 from difflab.models.unet import UNet
 from difflab.precision import autocast_dtype, fast_matmul, require_compiler, to_memory_format
 from difflab.samplers import SamplerConfig, SamplerKind, image_generators, sample
@@ -159,10 +160,17 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
         self.data = data if data is not None else self._load_data()
-        c, h = self.data.images.shape[1], self.data.images.shape[2]
+        self.autocast = autocast_dtype(tc.precision, self.device)
+        # a latent run (difflab.latent): the frozen autoencoder and the data set's latents, encoded once
+        self.codec: LatentCodec | None = None
+        self.latents: torch.Tensor | None = None
+        if cfg.latent.active:
+            self.codec, self.latents = self._encode_data(resume)
+        c, h = self.latents.shape[2:4] if self.latents is not None else self.data.images.shape[1:3]
         if (c, h) != (cfg.model.in_channels, cfg.model.image_size):
+            what = "latents" if self.latents is not None else "images"
             raise ConfigError(
-                f"data has {c}-channel {h}px images but the model expects {cfg.model.in_channels}-channel "
+                f"data has {c}-channel {h}px {what} but the model expects {cfg.model.in_channels}-channel "
                 f"{cfg.model.image_size}px"
             )
         up = cfg.upscale
@@ -184,7 +192,6 @@ class Trainer:
             self.model.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay,
             fused=True,
         )
-        self.autocast = autocast_dtype(tc.precision, self.device)
         # fp16 overflows where bf16 does not: scale the loss, skip steps whose gradients overflowed
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast is torch.float16 else None
         self.skipped_steps = 0
@@ -214,6 +221,8 @@ class Trainer:
             self._restore()
         elif self.dist.is_main:
             start_run_dir(self.run_dir, cfg.to_json(), restart)
+            if self.codec is not None:  # the run carries its autoencoder: it samples even when that run moves on
+                freeze(self.codec, self.run_dir, cfg.latent.autoencoder)
 
     # -- data --------------------------------------------------------------------------
     def _load_data(self) -> ImageData:
@@ -230,6 +239,25 @@ class Trainer:
             return data
         dist.barrier()
         return load()
+
+    def _encode_data(self, resume: bool) -> tuple[LatentCodec, torch.Tensor]:
+        """The latent run's codec (from the autoencoder run when starting, from the copy inside the run
+        when resuming) and the data set's latents (rank 0 fills the cache first, as for the images)."""
+        lat = self.cfg.latent
+        codec = (load_codec(self.run_dir, lat, device=self.device, autocast=self.autocast) if resume
+                 else codec_from_run(lat, device=self.device, autocast=self.autocast))
+
+        def encode() -> torch.Tensor:
+            return encode_images(codec, self.data.images, hflip=self.cfg.data.augment.hflip,
+                                 progress=self.progress and self.dist.is_main)
+        if self.dist.world_size == 1:
+            return codec, encode()
+        if self.dist.is_main:
+            latents = encode()
+            dist.barrier()
+            return codec, latents
+        dist.barrier()
+        return codec, encode()
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
@@ -261,6 +289,11 @@ class Trainer:
         batch (dropout's masks aside, which come from each rank's global stream)."""
         idx, keys = self._next_indices(self.micro_batch)
         gens = image_generators(self.cfg.train.seed, keys, stream=TRAIN_STREAM)
+        if self.latents is not None:  # a latent run: each example's own generator picks the mirrored view or not
+            views = self.latents.shape[1]
+            pick = [int(torch.randint(views, (1,), generator=g)) if views > 1 else 0 for g in gens]
+            x = self.latents[idx, torch.tensor(pick, dtype=torch.long)]
+            return to_device(x, self.device).contiguous(memory_format=self.memory_format), idx, gens
         x, aug = to_float(self.data.images[idx]), self.cfg.data.augment
         if not aug.is_identity:
             x = torch.cat([augment(x[i:i + 1], aug, g) for i, g in enumerate(gens)])
@@ -454,7 +487,8 @@ class Trainer:
     # -- outputs -------------------------------------------------------------------------
     def denoiser(self, use_ema: bool = True) -> Denoiser:
         """The network as a denoiser for previews, in the training precision and memory layout."""
-        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss, clip="clip",
+        clip = "none" if self.codec is not None else "clip"  # latents have no [-1, 1] range
+        return Denoiser((self.ema.model if use_ema else self.model), self.schedule, self.cfg.loss, clip=clip,
                         autocast=self.autocast, channels_last=self.cfg.train.channels_last)
 
     @torch.no_grad()
@@ -472,6 +506,8 @@ class Trainer:
             else:
                 imgs = sample(self.denoiser(), n, (c, s, s), PREVIEW_SAMPLER, seed=self.cfg.train.seed, batch_size=64,
                               device=self.device, progress=False, **self.conditions.preview(n))
+                if self.codec is not None:  # latents -> images
+                    imgs = self.codec.decode(imgs)
         out = self.run_dir / "samples"
         save_grid(imgs, out / f"step-{self.step:07d}.png", scale=2)
         save_grid(imgs, out / "latest.png", scale=2)

@@ -1,0 +1,195 @@
+"""Latent diffusion (difflab.latent): the config of a run on an autoencoder's latents, the codec's
+normalisation, the data encoded once (both orientations, cached), training, exact resume, and the
+sampling path ending in the decoder; the commands that do not take latent runs say so in one line."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.cli import main
+from difflab.config import LatentConfig, RunConfig, resolve_config
+from difflab.errors import ConfigError
+
+AE_TINY = ["--image-size", "16", "--latent-channels", "4", "--downsample", "4", "--batch-size", "8", "--holdout", "4",
+           "--no-progress", "net.width=8", "net.max_width=16", "train.sample_every=0", "train.precision=fp32"]
+TINY = ["--preset", "tiny", "--batch-size", "4", "--no-progress", "train.sample_every=2", "train.sample_grid_size=4",
+        "train.precision=fp32", "train.checkpoint_every=2"]
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """16 blobby faces: a coloured disc on a coloured ground (something an autoencoder learns in seconds)."""
+    root = tmp_path_factory.mktemp("faces")
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    for k in range(16):
+        ground, disc = torch.randint(0, 256, (3,), generator=g), torch.randint(0, 256, (3,), generator=g)
+        cx, cy = torch.randint(5, 11, (2,), generator=g).tolist()
+        inside = ((xx - cx) ** 2 + (yy - cy) ** 2) < 16
+        img = torch.where(inside[..., None], disc, ground).to(torch.uint8)
+        Image.fromarray(img.numpy()).save(root / f"f{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory, faces):
+    root = tmp_path_factory.mktemp("ae")
+    assert main(["train-autoencoder", "--data", str(faces), "--out", str(root / "ae"), "--max-steps", "30", *AE_TINY]) == 0
+    return root / "ae"
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory, faces, ae_run):
+    root = tmp_path_factory.mktemp("ldm")
+    assert main(["train", "--latent-of", str(ae_run), "--data", str(faces), "--out", str(root / "ldm"), "--max-steps", "4",
+                 "data.augment.hflip=true", *TINY]) == 0
+    return root / "ldm"
+
+
+def _latent_flags(**over):
+    flags = {"data.source": "faces", "data.image_size": 16, "data.channels": 3, "latent.autoencoder": "/ae", "latent.step": 30,
+             "latent.channels": 4, "latent.downsample": 4, "latent.mean": [0.1, 0.0, -0.2, 0.3],
+             "latent.std": [1.5, 0.5, 2.0, 1.0]}
+    return {**flags, **over}
+
+
+def test_the_network_of_a_latent_run_is_built_for_the_latents():
+    cfg = resolve_config(preset="tiny", flags=_latent_flags())
+    assert (cfg.model.image_size, cfg.model.in_channels, cfg.data.image_size) == (4, 4, 16)
+    assert cfg.loss.sigma_data == 1.0  # the latents are normalised to unit variance
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg  # save -> load round-trips exactly
+    assert cfg.latent.mean == (0.1, 0.0, -0.2, 0.3)
+    assert resolve_config(preset="tiny", flags=_latent_flags(), overrides=["loss.sigma_data=0.5"]).loss.sigma_data == 0.5
+    plain = resolve_config(preset="tiny", flags={"data.source": "faces", "data.image_size": 16})
+    assert not plain.latent.active and plain.model.image_size == 16
+
+
+@pytest.mark.parametrize("over, overrides, message", [
+    ({"latent.std": [1.0, 1.0, 1.0]}, [], "latent.mean and latent.std need 4 values"),
+    ({"latent.std": [1.0, 0.0, 1.0, 1.0]}, [], "latent.std finite and positive"),
+    ({}, ["data.augment.rotate_degrees=10"], "only data.augment.hflip"),
+    ({"upscale.from_size": 8}, [], "cannot be combined"),
+    ({}, ["model.image_size=8"], "needs model.image_size=4"),
+    ({}, ["model.in_channels=3"], "latents have 4 channels"),
+])
+def test_a_latent_config_that_cannot_work_is_one_line(over, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(preset="tiny", flags=_latent_flags(**over), overrides=overrides)
+    with pytest.raises(ConfigError, match="latent.channels is 0"):
+        LatentConfig(mean=(0.0,), std=(1.0,))
+
+
+def test_the_codec_normalises_with_the_runs_statistics(ae_run):
+    from difflab.autoencoder import load_autoencoder
+    from difflab.latent import LatentCodec
+
+    model, cfg, report = load_autoencoder(ae_run)
+    assert report["latent_std"] and all(s > 0 for s in report["latent_std"])
+    mean, std = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([2.0, 0.5, 1.0, 4.0])
+    codec = LatentCodec(model, cfg, mean, std)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        raw, _ = model.encode(x)
+        z = codec.encode(x)
+        torch.testing.assert_close(z, (raw - mean[:, None, None]) / std[:, None, None])
+        torch.testing.assert_close(codec.decode(z), model.decode(raw).clamp(-1, 1), atol=1e-5, rtol=1e-5)
+    assert z.shape == (3, 4, 4, 4)
+
+
+def test_the_data_is_encoded_once_in_both_orientations(ae_run, faces, monkeypatch):
+    from difflab.autoencoder import load_autoencoder
+    from difflab.data import load_dataset, to_float
+    from difflab.latent import LatentCodec, encode_images
+
+    model, cfg, report = load_autoencoder(ae_run)
+    codec = LatentCodec(model, cfg, torch.tensor(report["latent_mean"]), torch.tensor(report["latent_std"]))
+    images = load_dataset(str(faces), 16, None, progress=False).images
+    z = encode_images(codec, images, hflip=True, progress=False)
+    assert z.shape == (16, 2, 4, 4, 4)
+    torch.testing.assert_close(z[:, 0], codec.encode(to_float(images)))
+    torch.testing.assert_close(z[:, 1], codec.encode(to_float(images).flip(-1)))
+    assert not torch.allclose(z[:, 1], z[:, 0].flip(-1), atol=1e-3)  # a latent's mirror is not the mirror's latent
+    one = encode_images(codec, images, hflip=False, progress=False)  # another cache entry: one view
+    assert one.shape == (16, 1, 4, 4, 4) and torch.equal(one[:, 0], z[:, 0])
+    monkeypatch.setattr(LatentCodec, "encode", lambda self, x: pytest.fail("encoded again instead of the cache"))
+    assert torch.equal(encode_images(codec, images, hflip=True, progress=False), z)
+
+
+def test_latent_run_trains_and_samples_through_the_decoder(latent_run, tmp_path, capsys):
+    from difflab.data.dataset import to_uint8
+    from difflab.runs import load_run
+    from difflab.samplers import SamplerConfig, sample
+
+    saved = json.loads((latent_run / "config.json").read_text())
+    assert saved["latent"]["channels"] == 4 and saved["model"]["image_size"] == 4
+    assert (latent_run / "autoencoder" / "ema.safetensors").is_file()
+    assert Image.open(latent_run / "samples" / "latest.png").size[0] > 16  # the preview grid is of decoded images
+    code, out, err = _run(capsys, "sample", "--run", latent_run, "-n", 5, "--sampler", "ddim", "--steps", 4, "--eta", 0,
+                          "--format", "png", "--batch-size", 2, "--out", tmp_path / "imgs", "--no-progress", "--precision", "fp32")
+    assert code == 0, err
+    files = sorted((tmp_path / "imgs").glob("*.png"), key=lambda p: int(p.stem))
+    assert len(files) == 5 and all(Image.open(f).size == (16, 16) and Image.open(f).mode == "RGB" for f in files)
+    record = json.loads((tmp_path / "imgs.sampling.json").read_text())
+    assert record["clip"] == "none"  # latents are not clipped to [-1, 1]
+    run = load_run(latent_run)
+    z = sample(run.denoiser(precision="fp32"), 5, run.image_shape, SamplerConfig(sampler="ddim", steps=4, eta=0.0),
+               seed=0, progress=False)
+    assert z.shape == (5, 4, 4, 4)
+    want = to_uint8(run.to_pixels(z, "fp32"))
+    got = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files])
+    assert (got.int() - want.int()).abs().max() <= 1  # the written images are the decoded latents
+
+
+def test_a_latent_run_resumes_exactly_and_samples_without_its_autoencoder_run(tmp_path, faces, ae_run, latent_run, capsys):
+    from safetensors.torch import load_file
+
+    ae = tmp_path / "ae"
+    shutil.copytree(ae_run, ae)
+    args = ["--latent-of", ae, "--data", faces, "data.augment.hflip=true", *TINY]
+    assert _run(capsys, "train", "--out", tmp_path / "a", "--max-steps", 4, *args)[0] == 0
+    assert _run(capsys, "train", "--out", tmp_path / "b", "--max-steps", 2, *args)[0] == 0
+    shutil.rmtree(ae)  # the run carries its autoencoder: resuming and sampling need no other folder
+    code, _, err = _run(capsys, "train", "--out", tmp_path / "b", "--resume", "--max-steps", 4, *TINY)
+    assert code == 0, err
+    for name in ("ema", "model"):
+        a = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / "step-0000004" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = _run(capsys, "sample", "--run", tmp_path / "b", "-n", 2, "--steps", 2, "--out", tmp_path / "s", "--no-progress")
+    assert code == 0, err
+
+
+def test_latent_runs_are_refused_in_one_line_where_they_cannot_work(latent_run, ae_run, faces, tmp_path, capsys):
+    code, _, err = _run(capsys, "sample", "--run", latent_run, "-n", 1, "--clip", "clip", "--out", tmp_path / "x", "--no-progress")
+    assert code == 2 and "latents have no [-1, 1] range" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "edit", "--run", latent_run, "--image", faces / "f0.png", "--out", tmp_path / "e", "--no-progress")
+    assert code == 2 and "is a latent run" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "train", "--latent-of", ae_run, "--data", faces, "--image-size", 32, "--out", tmp_path / "r",
+                        *TINY)
+    assert code == 2 and "works at 16 px" in err
+    code, _, err = _run(capsys, "train", "--latent-of", latent_run, "--data", faces, "--out", tmp_path / "r", *TINY)
+    assert code == 2 and str(latent_run) in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "train", "--latent-of", ae_run, "--data", faces, "--task", "upscale", "--from", "8",
+                        "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "cannot be combined" in err
+
+
+def test_a_stale_autoencoder_report_is_refused(tmp_path, ae_run, faces, capsys):
+    ae = tmp_path / "ae"
+    shutil.copytree(ae_run, ae)
+    report = json.loads((ae / "report.json").read_text())
+    (ae / "report.json").write_text(json.dumps({**report, "step": report["step"] - 10}))
+    code, _, err = _run(capsys, "train", "--latent-of", ae, "--data", faces, "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "report.json describes step" in err
+    (ae / "report.json").unlink()
+    code, _, err = _run(capsys, "train", "--latent-of", ae, "--data", faces, "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "no report.json" in err
