@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--ae-minutes", type=float, default=8.0)
     p.add_argument("--disc-start", type=int, default=500, help="ae-disc: the step the discriminator loss starts")
     p.add_argument("-n", type=int, default=1000)
-    p.add_argument("--stages", default="ae,encode,ldm,sample,figures")
+    p.add_argument("--stages", default="ae,encode,ldm,sample,speed,figures")
+    p.add_argument("--rounds", type=int, default=3, help="speed: interleaved rounds (ldm, single64, ldm, ...)")
+    p.add_argument("--speed-batch", type=int, default=64, help="speed: images per round")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,8 @@ def main() -> None:
         if (out / f"{name}.eval.json").exists():
             ev = json.loads((out / f"{name}.eval.json").read_text())
             rows[label] = {"fid": ev["fid"], "kid": ev["kid_mean"], "detect": ev.get("detect_rate")}
+    if "speed" in stages and ldm.exists():
+        timing.update(sampling_speed(out, rounds=args.rounds, batch=args.speed_batch))
     if "figures" in stages and (ae / "report.json").exists():
         figures(out, ae, hr_dir, names, samples)
     (out / "results.json").write_text(json.dumps({"rows": rows, "timing": timing}, indent=2))
@@ -149,6 +153,31 @@ def main() -> None:
         casc = rows.get("cascade 32 -> 64", {}).get("fid", float("nan"))
         print(f"fid_latent={lat['fid']:.2f} fid_single64={single['fid']:.2f} fid_cascade={casc:.2f} "
               f"ratio={single['fid'] / lat['fid']:.3f}")
+
+
+def sampling_speed(out: Path, rounds: int, batch: int) -> dict[str, float]:
+    """Images/s of DDIM 25 eta 1 (the bench's sampler) for the latent run (decoding included) and the
+    pixel-space single64 run, interleaved (ldm, single64, ldm, ...) in this process; medians and ratio."""
+    import statistics
+
+    from difflab.runs import load_run
+    from difflab.samplers import SamplerConfig, sample
+
+    cfg = SamplerConfig(sampler="ddim", steps=25, eta=1.0)
+    runs = {"ldm": load_run(out / "ldm"), "single64": load_run(out / "single64")}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for name, run in runs.items():
+            t0 = time.monotonic()
+            run.to_pixels(sample(run.denoiser(), batch, run.image_shape, cfg, seed=r, batch_size=batch, progress=False))
+            times[name].append(time.monotonic() - t0)
+            print(f"speed round {r}: {name} {batch / times[name][-1]:.2f} images/s", flush=True)
+    med = {k: batch / statistics.median(v) for k, v in times.items()}
+    print(f"| run | images/s (median of {rounds}) |\n|---|---:|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"sampling ratio ldm/single64 = {med['ldm'] / med['single64']:.1f}x", flush=True)
+    return {f"sample_images_per_s_{k}": v for k, v in med.items()} | {"sampling_ratio": med["ldm"] / med["single64"]}
 
 
 def figures(out: Path, ae: Path, hr_dir: Path, names: list[str], samples: Path) -> None:
