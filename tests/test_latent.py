@@ -193,3 +193,19 @@ def test_a_stale_autoencoder_report_is_refused(tmp_path, ae_run, faces, capsys):
     (ae / "report.json").unlink()
     code, _, err = _run(capsys, "train", "--latent-of", ae, "--data", faces, "--out", tmp_path / "r", *TINY)
     assert code == 2 and "no report.json" in err
+
+
+def test_a_class_conditional_latent_run_samples_each_class_with_guidance(tmp_path, faces, ae_run, capsys):
+    for k, f in enumerate(sorted(faces.glob("*.png"))):  # two classes of the same faces, one sub-folder each
+        (tmp_path / "data" / ("a" if k % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "data" / ("a" if k % 2 else "b") / f.name)
+    code, _, err = _run(capsys, "train", "--latent-of", ae_run, "--data", tmp_path / "data", "--labels", "folders",
+                        "--out", tmp_path / "run", "--max-steps", 2, *TINY)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["cond"]["classes"] == [["a", "b"]] and saved["latent"]["channels"] == 4
+    code, out, err = _run(capsys, "sample", "--run", tmp_path / "run", "--class", "all", "-n", 2, "--guidance", 3,
+                          "--steps", 2, "--format", "png", "--out", tmp_path / "s", "--no-progress")
+    assert code == 0, err
+    assert sorted(int(p.stem) for p in (tmp_path / "s").glob("*.png")) == [1, 2, 3, 4]
+    assert all(Image.open(p).size == (16, 16) for p in (tmp_path / "s").glob("*.png"))
