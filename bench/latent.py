@@ -132,8 +132,8 @@ def main() -> None:
         rows["latent (ae + ldm)"] = {"fid": ev["fid"], "kid": ev["kid_mean"], "detect": ev.get("detect_rate"),
                                      "minutes": (ae_secs + secs + timing.get("encode_s", 0)) / 60, "steps": step,
                                      "sample_images_per_s": args.n / rec["seconds"]}
-    for label, name, run in (("single64 (pixel)", "single", "single64"), ("cascade 32 -> 64", "cascade", None),
-                             ("base32 + bicubic", "base32-bicubic", None)):
+    for label, name in (("single64 (pixel)", "single"), ("cascade 32 -> 64", "cascade"),
+                        ("base32 + bicubic", "base32-bicubic")):
         if (out / f"{name}.eval.json").exists():
             ev = json.loads((out / f"{name}.eval.json").read_text())
             rows[label] = {"fid": ev["fid"], "kid": ev["kid_mean"], "detect": ev.get("detect_rate")}

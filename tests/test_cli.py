@@ -192,8 +192,8 @@ def test_train_refuses_to_overwrite(capsys, trained_run, image_folder):
     assert code == 2 and "already holds a run" in err
 
 
-EVERY_COMMAND = ["train", "demo", "sample", "edit", "inpaint", "upscale", "eval", "fid-stats", "noise", "progress", "animate", "curves",
-                 "compare", "gan", "import", "export", "serve", "train-autoencoder"]
+EVERY_COMMAND = ["train", "demo", "sample", "edit", "inpaint", "upscale", "eval", "fid-stats", "eval-seg", "noise", "progress",
+                 "animate", "curves", "compare", "gan", "import", "export", "serve", "train-autoencoder", "segment"]
 
 
 def test_help_lists_every_command(capsys):

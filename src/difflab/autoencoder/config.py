@@ -7,13 +7,11 @@ overrides (``net.width=48``, ``loss.kl_weight=1e-5``, ``train.holdout=100``).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from difflab.config import DataConfig, _merge, apply_overrides, from_dict, read_config_json, to_dict
+from difflab.config import DataConfig, JsonConfig, _merge, apply_overrides, from_dict, to_dict
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
 from difflab.precision import Precision
@@ -144,7 +142,7 @@ class AETrainConfig:
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(JsonConfig):
     family: str = FAMILY
     net: AENetConfig = field(default_factory=AENetConfig)
     # mirrored images by default, as for the GANs: twice the data for symmetric subjects such as faces
@@ -168,19 +166,6 @@ class AutoencoderConfig:
     def image_shape(self) -> tuple[int, int, int]:
         return (self.data.channels, self.data.image_size, self.data.image_size)
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AutoencoderConfig:
-        return from_dict(cls, d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def load(cls, path: str | Path) -> AutoencoderConfig:
-        return cls.from_dict(read_config_json(path))
 
 
 def is_autoencoder_config(d: Mapping[str, Any]) -> bool:

@@ -60,7 +60,7 @@ from difflab.train.checkpoint import (
     start_run_dir,
 )
 from difflab.train.ema import EMA
-from difflab.train.loop import DistInfo, TrainingDiverged, stop_requests
+from difflab.train.loop import DistInfo, TrainingDiverged, next_examples, stop_requests
 from difflab.visualize.images import save_grid
 
 # the per-example streams (difflab.samplers.noise.image_seed): 0 sampling, 1 a cascade's SR stage,
@@ -126,18 +126,9 @@ class AutoencoderTrainer:
 
     # -- data ---------------------------------------------------------------------------------
     def _next_indices(self, n: int) -> tuple[torch.Tensor, list[int]]:
-        """The next ``n`` training images (indices) and their keys (epoch * N + position in the epoch)."""
-        out, keys, N = [], [], len(self.train_images)
-        while n > 0:
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.epoch)
-            take = torch.randperm(N, generator=g)[self.pos : self.pos + n]
-            out.append(take)
-            keys += [self.epoch * N + j for j in range(self.pos, self.pos + len(take))]
-            n -= len(take)
-            self.pos += len(take)
-            if self.pos >= N:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return torch.cat(out), keys
+        """The next ``n`` images (data indices) and their keys (:func:`difflab.train.loop.next_examples`)."""
+        idx, keys, self.epoch, self.pos = next_examples(self.cfg.train.seed, len(self.train_images), n, self.epoch, self.pos)
+        return idx, keys
 
     def _batch(self) -> tuple[torch.Tensor, list[torch.Generator]]:
         idx, keys = self._next_indices(self.cfg.train.batch_size)

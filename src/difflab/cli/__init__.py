@@ -5,11 +5,12 @@
 | :mod:`.train`             | ``train``, ``demo``                               |
 | :mod:`.sample`            | ``sample``                                        |
 | :mod:`.edit`              | ``edit`` (SDEdit), ``inpaint`` (RePaint)          |
-| :mod:`.evaluate`          | ``eval``, ``fid-stats``                           |
+| :mod:`.evaluate`          | ``eval``, ``fid-stats``, ``eval-seg`` (segmentation) |
 | :mod:`.visualize`         | ``noise``, ``progress``, ``animate``, ``curves``, ``compare`` |
 | :mod:`.serve`             | ``serve`` (the local web page, :mod:`difflab.serve`) |
 | :mod:`.interop`           | ``import`` (diffusers, denoising-diffusion-pytorch), ``export`` (diffusers) |
 | :mod:`.autoencoder`       | ``train-autoencoder`` (the KL autoencoder of latent diffusion) |
+| :mod:`.segment`           | ``segment`` (masks of images from a segmentation run: samples, vote, uncertainty) |
 | :mod:`.common`            | the parser, argument types, run and sampler options, output checks |
 
 Every user mistake (bad flag, missing path, incompatible options, damaged file) is reported as one
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from difflab.cli import autoencoder, edit, evaluate, gan, interop, sample, serve, train, visualize
+from difflab.cli import autoencoder, edit, evaluate, gan, interop, sample, segment, serve, train, visualize
 from difflab.cli.common import EXIT_USAGE, Command, Parser
 from difflab.errors import DifflabError, DifflabWarning
 
@@ -33,7 +34,7 @@ __all__ = ["EXIT_USAGE", "build_parser", "commands", "main"]
 
 def commands() -> dict[str, Command]:
     return {**train.COMMANDS, **sample.COMMANDS, **edit.COMMANDS, **evaluate.COMMANDS, **visualize.COMMANDS,
-            **gan.COMMANDS, **serve.COMMANDS, **interop.COMMANDS, **autoencoder.COMMANDS}
+            **gan.COMMANDS, **serve.COMMANDS, **interop.COMMANDS, **autoencoder.COMMANDS, **segment.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

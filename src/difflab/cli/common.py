@@ -117,16 +117,22 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; a seed gives the same noise on every device")
 
 
-def load_run_for(args: argparse.Namespace, run: str | None = None, *, latent: bool = False) -> Any:
+def load_run_for(args: argparse.Namespace, run: str | None = None, *, latent: bool = False, segment: bool = False) -> Any:
     """``--run`` (or ``run``) loaded with ``--weights`` on ``--device``; ``--clip`` left out becomes the
-    run's default. A latent run (:mod:`difflab.latent`) is one line unless the command takes one (``latent``)."""
+    run's default. A latent run (:mod:`difflab.latent`) is one line unless the command takes one (``latent``);
+    so is a segmentation run (:mod:`difflab.edit.segment`) unless the command is ``segment``."""
     from difflab.devices import resolve_device
     from difflab.runs import load_run
 
     loaded = load_run(run or args.run, weights=args.weights, device=resolve_device(args.device))
+    if loaded.config.segment.active and not segment:
+        name = run or args.run
+        raise ConfigError(f"--run {name} is a segmentation run ({loaded.config.segment.num_classes} classes): its samples "
+                          f"are masks of images; use difflab segment --run {name} --images DIR --out DIR")
     if loaded.codec is not None and not latent:
         raise ConfigError(f"--run {run or args.run} is a latent run (diffusion on an autoencoder's latents): difflab "
-                          f"{getattr(args, 'command', None) or 'this command'} works on pixel-space runs; difflab sample takes it")
+                          f"{getattr(args, 'command', None) or 'this command'} works on pixel-space runs; "
+                          "difflab sample takes it")
     if hasattr(args, "clip"):
         args.clip = loaded.clip_mode(args.clip).value
     return loaded

@@ -1,15 +1,18 @@
-"""``difflab eval`` and ``difflab fid-stats``: the command-line side of :mod:`difflab.metrics.evaluate`.
+"""``difflab eval`` and ``difflab fid-stats``: the command-line side of :mod:`difflab.metrics.evaluate`;
+``difflab eval-seg``: that of :mod:`difflab.metrics.segmentation`.
 
     difflab eval --real DIR|STATS.npz --fake DIR [--metrics fid,kid,pr,detect] [--json FILE]
     difflab fid-stats DIR [--out STATS.npz]
+    difflab eval-seg --pred DIR --truth DIR [--classes FILE] [--top 0.1] [--json FILE]
+                     [--uncertainty DIR] [--only-predicted]
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from difflab.cli.common import Command, add_device_option
-from difflab.errors import ConfigError
+from difflab.cli.common import Command, add_device_option, out_file
+from difflab.errors import ConfigError, DataError
 
 
 def _common_network_args(parser: argparse.ArgumentParser) -> None:
@@ -106,9 +109,65 @@ def run_fid_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_seg_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``difflab eval-seg``'s flags to ``parser``."""
+    parser.add_argument("--pred", required=True, metavar="DIR",
+                        help="predicted class-index masks <id>.png (<id>_overlay.png and <id>_uncertainty.png beside "
+                             "them are not predictions; the uncertainty maps are used when present)")
+    parser.add_argument("--truth", required=True, metavar="DIR",
+                        help="the true masks: a paired folder (its masks/ and classes.txt are used), or a folder of "
+                             "class-index masks with --classes")
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="classes.txt ('index name' per line; default: the paired folder's, or the one beside a "
+                             "masks/ folder)")
+    parser.add_argument("--uncertainty", default=None, metavar="DIR",
+                        help="folder of 8-bit uncertainty maps <id>_uncertainty.png (default: --pred, when it has them)")
+    parser.add_argument("--top", type=float, default=0.1,
+                        help="the share of most uncertain pixels whose error rate is compared with the rest's (default 0.1)")
+    parser.add_argument("--only-predicted", action="store_true",
+                        help="score only the ids with a prediction (default: a truth mask without one is an error)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
+
+
+def _truth_and_classes(truth: Path, classes: str | None) -> tuple[Path, Path]:
+    """The folder of true masks and the class list for ``--truth`` and ``--classes``."""
+    if not truth.is_dir():
+        raise DataError(f"--truth {truth} {'is not a folder' if truth.exists() else 'does not exist'}")
+    paired = (truth / "masks").is_dir()
+    masks = truth / "masks" if paired else truth
+    if classes is not None:
+        return masks, Path(classes).expanduser()
+    for candidate in (truth / "classes.txt", truth.parent / "classes.txt") if not paired else (truth / "classes.txt",):
+        if candidate.is_file():
+            return masks, candidate
+    raise ConfigError(f"--truth {truth} has no classes.txt {'in it' if paired else 'in it or beside it'}: "
+                      "give the class list with --classes FILE")
+
+
+def run_eval_seg(args: argparse.Namespace) -> int:
+    """Run ``difflab eval-seg``: print the scores, write ``--json``; return 0."""
+    from difflab.data.paired import read_classes
+    from difflab.io import atomic_write_json
+    from difflab.metrics.segmentation import evaluate_folders, format_scores
+
+    out = out_file(args.json, "--json", (".json",)) if args.json else None
+    masks, classes_file = _truth_and_classes(Path(args.truth).expanduser(), args.classes)
+    classes = read_classes(classes_file)
+    result = evaluate_folders(Path(args.pred).expanduser(), masks, classes, uncertainty_dir=args.uncertainty,
+                              top=args.top, only_predicted=args.only_predicted)
+    result["classes_file"] = str(classes_file)
+    print(format_scores(result))
+    if out is not None:
+        atomic_write_json(out, result)
+        print(f"wrote {out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "eval": ("FID, KID and anime-face detection rates of a folder of generated images",
              add_eval_arguments, run_eval),
     "fid-stats": ("precompute (and cache) the FID reference statistics of a folder of real images",
                   add_fid_stats_arguments, run_fid_stats),
+    "eval-seg": ("segmentation scores (mIoU, Dice, pixel accuracy, uncertainty vs errors) of predicted masks",
+                 add_eval_seg_arguments, run_eval_seg),
 }

@@ -85,6 +85,8 @@ def run_serve(args: argparse.Namespace) -> int:
         run = load_run(args.run, device=device)
         if run.config.upscale.active:
             raise ConfigError(f"--run {args.run} is a super-resolution run: serve a base run and give this one as --upscaler")
+        if run.config.segment.active:
+            raise ConfigError(f"--run {args.run} is a segmentation run: segment images with difflab segment --run {args.run}")
         upscaler = None
         if args.upscaler:
             upscaler = load_run(args.upscaler, device=device)

@@ -35,11 +35,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", action="store_true",
                    help="condition on text instead: captions built from the labels, embedded by cond.text_encoder "
                         "(needs the [text] extra); sample with --prompt")
-    p.add_argument("--task", choices=["generate", "upscale"], default=None,
+    p.add_argument("--task", choices=["generate", "upscale", "segment"], default=None,
                    help="generate (default): a model that makes images; upscale: a super-resolution model that makes the "
-                        "--image-size image from its --from version (SR3; use with difflab upscale or sample --upscale-run)")
+                        "--image-size image from its --from version (SR3; use with difflab upscale or sample --upscale-run); "
+                        "segment: a model whose sample is the segmentation mask of an image (SegDiff), trained on a "
+                        "paired folder (--data with images/, masks/, classes.txt; use with difflab segment)")
     p.add_argument("--from", dest="from_size", type=positive_int, metavar="SIZE",
                    help="--task upscale: the low resolution it upscales from, e.g. 32 (training pairs are made on the fly)")
+    p.add_argument("--objective", choices=["diffusion", "ce"],
+                   help="--task segment: diffusion (default: the mask is sampled, SegDiff) or ce (the plain segmenter "
+                        "baseline: the same UNet, one pass, cross-entropy)")
     p.add_argument("--latent-of", metavar="AE_RUN",
                    help="latent diffusion: train on the latents of this autoencoder run (difflab train-autoencoder); the "
                         "data is encoded once, the image size is the autoencoder's, and difflab sample decodes to images")
@@ -74,13 +79,33 @@ def _train_flags(args: argparse.Namespace) -> dict:
         raise ConfigError("--from is for --task upscale (a super-resolution run)")
     latent = _latent_flags(args) if getattr(args, "latent_of", None) else {}
     return {
-        **latent,
+        **latent, **_segment_flags(args),
         "upscale.from_size": getattr(args, "from_size", None),
         "data.source": args.data, "data.image_size": args.image_size, "data.channels": args.channels,
         "data.labels": args.labels, "cond.captions": True if args.captions else None,
         "train.max_steps": args.max_steps, "train.minutes": args.minutes, "train.batch_size": args.batch_size,
         "train.lr": args.lr, "train.seed": args.seed,
     }
+
+
+def _segment_flags(args: argparse.Namespace) -> dict:
+    """``--task segment``: the class names from the paired folder's classes.txt (no image decoded), and
+    ``--objective``."""
+    from pathlib import Path
+
+    from difflab.data.paired import read_classes
+    from difflab.errors import DataError
+
+    task, objective = getattr(args, "task", None), getattr(args, "objective", None)
+    if objective is not None and task != "segment":
+        raise ConfigError("--objective is for --task segment (a segmentation run)")
+    if task != "segment" or not args.data:
+        return {"segment.objective": objective}
+    classes = Path(args.data).expanduser() / "classes.txt"
+    if not classes.is_file():
+        raise DataError(f"--task segment: --data {args.data} is not a paired folder (images/, masks/ and classes.txt, "
+                        "one 'index name' line per class)")
+    return {"segment.classes": read_classes(classes), "segment.objective": objective}
 
 
 def _latent_flags(args: argparse.Namespace) -> dict:

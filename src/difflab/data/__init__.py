@@ -7,6 +7,8 @@
   (``from difflab.data.augment import augment``: the function is deliberately not re-exported
   here, where its name would hide the submodule ``difflab.data.augment``).
 - :mod:`difflab.data.dataset`: ``load_dataset(spec, image_size)`` and the uint8 <-> [-1, 1] helpers.
+- :mod:`difflab.data.paired`: paired folders for segmentation (images, class-index masks, classes.txt):
+  ``load_pairs``, ``split_pairs``, ``joint_augment``, mask files and pictures.
 """
 from difflab.data.augment import AugmentConfig
 from difflab.data.dataset import BUILTIN_DATASETS, ImageData, load_dataset, to_float, to_uint8

@@ -124,9 +124,12 @@ def _convert(img: Image.Image, channels: int) -> Image.Image:
     return img
 
 
-def _decode(path: str | os.PathLike[str], channels: int,
+def _decode(path: str | os.PathLike[str], channels: int | None,
             draft_size: int | None) -> tuple[Image.Image, tuple[float, float] | None]:
     """Open, fully decode and convert one file; return the image and its content size.
+
+    ``channels`` None: no conversion, the pixels in the mode they are stored in (class-index
+    masks, :mod:`difflab.data.paired`); the EXIF orientation is still applied.
 
     The content size is the exact extent of the original picture in the returned image's
     pixels when JPEG draft scaling made it a fraction of a pixel smaller than the rounded-up
@@ -160,7 +163,7 @@ def _decode(path: str | os.PathLike[str], channels: int,
                     img = ImageOps.exif_transpose(im)
                     content = None
                 # The pixels are loaded, so the image stays valid after its file is closed.
-                return _convert(img, channels), content
+                return (img if channels is None else _convert(img, channels)), content
     except BadImageError:
         raise
     except FileNotFoundError:

@@ -9,14 +9,12 @@ flags < ``key=value`` overrides (``train.r1_gamma=0.05``, ``net.width=48``, ``sc
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
-from difflab.config import DataConfig, _merge, apply_overrides, from_dict, read_config_json, to_dict
+from difflab.config import DataConfig, JsonConfig, _merge, apply_overrides, from_dict, to_dict
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
 from difflab.gan.diffaug import OPS as DIFFAUG_OPS
@@ -127,7 +125,7 @@ def _ddgan_schedule() -> ScheduleConfig:
 
 
 @dataclass(frozen=True)
-class GANConfig:
+class GANConfig(JsonConfig):
     family: str = FAMILY
     kind: GANKind = GANKind.STYLEGAN
     preset: str = "small"
@@ -162,19 +160,6 @@ class GANConfig:
         """Network calls per image: T for ddgan, 1 for stylegan."""
         return self.schedule.timesteps if self.kind is GANKind.DDGAN else 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GANConfig:
-        return from_dict(cls, d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def load(cls, path: str | Path) -> GANConfig:
-        return cls.from_dict(read_config_json(path))
 
 
 def is_gan_config(d: Mapping[str, Any]) -> bool:

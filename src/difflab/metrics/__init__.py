@@ -6,6 +6,8 @@
 * :mod:`~difflab.metrics.features`: folders -> features, the reference-statistics cache.
 * :mod:`~difflab.metrics.detect`: the LBP-cascade and animeface detectors and their protocol.
 * :mod:`~difflab.metrics.evaluate`: :func:`evaluate` (the ``eval`` / ``fid-stats`` commands are :mod:`difflab.cli.evaluate`).
+* :mod:`~difflab.metrics.segmentation`: IoU, Dice, pixel accuracy and the uncertainty ranking of predicted
+  masks (``eval-seg``).
 
 Importing this package loads neither the network nor OpenCV.
 """

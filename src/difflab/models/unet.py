@@ -59,6 +59,13 @@ class BlockType(Enum):
     CONVNEXT = "convnext"  #: ConvNeXt block (depthwise 7x7, LayerNorm, inverted bottleneck, GELU)
 
 
+class CondMode(str, Enum):
+    """How a conditioning image (``lowres``, ``cond_channels`` > 0) enters the network."""
+
+    CONCAT = "concat"  #: concatenated to x before ``conv_in`` (SR3, Saharia et al. 2021)
+    ADD = "add"  #: its own encoder G's features added to ``conv_in(x)`` (SegDiff, Amit et al. 2021)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"UNetConfig.{name} must be an integer, got {value!r}")
@@ -85,7 +92,8 @@ class UNetConfig:
         image_size: training image size in pixels (square). Must be divisible by
             ``2 ** (len(channel_mults) - 1)``; with ``channel_mults`` it fixes the feature-map size of each
             level (``image_size``, ``image_size / 2``, ...), which is what the two attention lists name.
-        in_channels: image channels, 1 (grey) or 3 (RGB); the output has the same number.
+        in_channels: image channels, 1 (grey) or 3 (RGB), a latent run's latent channels, or a segmentation
+            run's K classes (the one-hot mask, :mod:`difflab.edit.segment`); the output has the same number.
         base_channels: channels of the first level; level ``i`` has ``base_channels * channel_mults[i]``.
             The time embedding has ``4 * base_channels`` features (as in DDPM).
         channel_mults: per-level channel multipliers; one level per entry.
@@ -114,9 +122,13 @@ class UNetConfig:
         text_dim: > 0 adds a linear map of a pooled text embedding of this size to the time embedding.
         cross_attention_resolutions: feature-map sizes where a cross-attention layer attends to the text's
             token embeddings (of size ``text_dim``), after that level's blocks; needs ``text_dim > 0``.
-        cond_channels: > 0 makes the network take an image of this many channels, at the input's size,
-            concatenated to its input (``lowres``: the upsampled low-resolution image of a
-            super-resolution model, as in SR3, Saharia et al. 2021).
+        cond_channels: > 0 makes the network take an image of this many channels, at the input's size
+            (``lowres``: the upsampled low-resolution image of a super-resolution model, as in SR3, Saharia
+            et al. 2021; the image a segmentation model segments, :mod:`difflab.edit.segment`).
+        cond_mode: how that image enters (a :class:`CondMode`): ``concat`` (default) concatenates it to
+            the input of ``conv_in``; ``add`` runs it through its own encoder G (conv3x3 -> SiLU ->
+            conv3x3, ``base_channels`` wide, at full resolution) and adds G's features to ``conv_in(x)``
+            (SegDiff's F(x_t) + G(I), Amit et al. 2021). Needs ``cond_channels`` > 0.
     """
 
     image_size: int = 32
@@ -137,6 +149,7 @@ class UNetConfig:
     text_dim: int = 0
     cross_attention_resolutions: tuple[int, ...] = ()
     cond_channels: int = 0
+    cond_mode: CondMode = CondMode.CONCAT
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place: lists -> tuples, strings -> enums, ints -> floats
@@ -173,6 +186,9 @@ class UNetConfig:
         if self.cross_attention_resolutions and not self.text_dim:
             raise ConfigError("UNetConfig.cross_attention_resolutions needs text_dim > 0 (the token embedding size)")
         _check_int("cond_channels", self.cond_channels, 0)
+        set_(self, "cond_mode", parse_choice(CondMode, self.cond_mode, "UNetConfig.cond_mode"))
+        if self.cond_mode is CondMode.ADD and not self.cond_channels:
+            raise ConfigError("UNetConfig.cond_mode=add needs cond_channels > 0 (a conditioning image to encode)")
 
         factor = 2 ** (len(self.channel_mults) - 1)
         if self.image_size % factor:
@@ -235,7 +251,8 @@ class UNet(nn.Module):
     - ``text``: ``(B, text_dim)`` pooled text embedding (all zeros = no text);
     - ``text_tokens``, ``text_mask``: ``(B, L, text_dim)`` token embeddings and ``(B, L)`` booleans for the
       cross-attention layers;
-    - ``lowres``: ``(B, cond_channels, H, W)``, an image concatenated to ``x`` (super-resolution).
+    - ``lowres``: ``(B, cond_channels, H, W)``, a conditioning image (super-resolution, segmentation),
+      concatenated to ``x`` or encoded and added to ``conv_in(x)`` (``cond_mode``).
     Conditions a model does not take are an error.
 
     Returns a tensor of ``x``'s shape and dtype (also under autocast). Output conv, the last layer of
@@ -272,7 +289,12 @@ class UNet(nn.Module):
         self.cond_embed = ConditionEmbedding(c.conditions, c.text_dim, emb_dim)
         cross_at = set(c.cross_attention_resolutions)
 
-        self.conv_in = nn.Conv2d(c.in_channels + c.cond_channels, base, 3, padding=1)
+        concat = c.cond_channels if c.cond_mode is CondMode.CONCAT else 0
+        self.conv_in = nn.Conv2d(c.in_channels + concat, base, 3, padding=1)
+        # SegDiff's G: the conditioning image's own encoder, its features added to conv_in(x) (cond_mode add)
+        self.cond_encoder = (nn.Sequential(nn.Conv2d(c.cond_channels, base, 3, padding=1), nn.SiLU(),
+                                           nn.Conv2d(base, base, 3, padding=1))
+                             if c.cond_channels and c.cond_mode is CondMode.ADD else None)
         self.down = nn.ModuleList()
         skip_channels = [base]
         ch = base
@@ -353,9 +375,12 @@ class UNet(nn.Module):
             want = (x.shape[0], c.cond_channels, *x.shape[2:])
             if lowres is None or tuple(lowres.shape) != want:
                 got = "none" if lowres is None else tuple(lowres.shape)
-                raise DifflabError(f"UNet: this model needs lowres of shape {want} (the upsampled low-resolution "
-                                   f"image), got {got}")
-            h = self.conv_in(torch.cat([x, lowres.to(x.device, x.dtype)], dim=1))
+                raise DifflabError(f"UNet: this model needs lowres of shape {want} (the conditioning image), got {got}")
+            image = lowres.to(x.device, x.dtype)
+            if self.cond_encoder is None:
+                h = self.conv_in(torch.cat([x, image], dim=1))
+            else:
+                h = self.conv_in(x) + self.cond_encoder(image)
         elif lowres is not None:
             raise DifflabError("UNet: lowres given, but this model takes no conditioning image (model.cond_channels=0)")
         else:
@@ -371,4 +396,4 @@ class UNet(nn.Module):
         return out.to(x.dtype)
 
 
-__all__ = ["BlockType", "NormType", "UNet", "UNetConfig"]
+__all__ = ["BlockType", "CondMode", "NormType", "UNet", "UNetConfig"]

@@ -36,11 +36,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from difflab.config import LRDecay, RunConfig
+from difflab.config import LRDecay, RunConfig, SegObjective
 from difflab.data.augment import augment
 from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
+from difflab.data.paired import PairAugment, PairedData, colorize, joint_augment, load_pairs, split_pairs
 from difflab.denoiser import Denoiser
 from difflab.devices import resolve_device, to_device
+from difflab.edit.segment import ce_logits, ce_loss, onehot, segment_batches, to_mask
 from difflab.edit.upscale import measure_scale, resize, training_pair, upscale_batches
 from difflab.errors import CheckpointError, ConfigError, DifflabError, DifflabWarning, OutputError
 from difflab.io import atomic_write_bytes
@@ -73,12 +75,67 @@ TRAIN_STREAM = 2
 STOP_REASONS = {1: "minutes", 3: NONFINITE}
 
 
+def next_examples(seed: int, num_data: int, n: int, epoch: int, pos: int, rank: int = 0, world_size: int = 1
+                  ) -> tuple[torch.Tensor, list[int], int, int]:
+    """The next ``n`` examples of one rank in a training job's data order: (data indices, example keys,
+    epoch, position after them). Each epoch is a permutation of the ``num_data`` examples seeded by
+    (``seed``, epoch), strided over the ranks; ``pos`` counts this rank's share of it. An example's key
+    is its place in the whole job's stream of examples (epoch, position in the epoch's permutation), the
+    same whichever rank, world size or micro-batch it lands in: the seed of its own generator. Every
+    trainer (diffusion, GAN, autoencoder) draws its batches from here."""
+    out, keys = [], []
+    while n > 0:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(num_data, generator=g)[rank::world_size]
+        take = perm[pos : pos + n]
+        out.append(take)
+        keys += [epoch * num_data + rank + world_size * j for j in range(pos, pos + len(take))]
+        n -= len(take)
+        pos += len(take)
+        if pos >= len(perm):
+            epoch, pos = epoch + 1, 0
+    return torch.cat(out), keys, epoch, pos
+
+
 class TrainingDiverged(DifflabError):
     """``train.max_nonfinite_steps`` steps in a row had a non-finite loss or gradient: training stopped
     without saving anything of the broken state."""
 
 
 PREVIEW_SAMPLER = SamplerConfig(sampler=SamplerKind.DDIM, steps=25, eta=1.0)  # stochastic: kinder to young models
+# a segmentation preview is an argmax of the sample: 10 stochastic DDIM steps show what the run has learnt
+SEGMENT_PREVIEW_SAMPLER = SamplerConfig(sampler=SamplerKind.DDIM, steps=10, eta=1.0)
+# at most this many validation pairs in a segmentation preview (rows image | truth | sample)
+SEGMENT_PREVIEW_ROWS = 8
+
+
+@dataclass(frozen=True)
+class SegmentSplit:
+    """A segmentation run's pairs (:class:`difflab.config.SegmentConfig`) as the trainer uses them: the
+    training split's images become the trainer's ``data.images`` and ``masks`` are their masks (same
+    rows); the validation split is held out (previews show its first pairs); ``augment`` moves each
+    training image and its mask together."""
+
+    masks: torch.Tensor  # (N_train, S, S) uint8 class indices
+    val_images: torch.Tensor  # (N_val, 3, S, S) uint8
+    val_masks: torch.Tensor  # (N_val, S, S) uint8
+    augment: PairAugment | None  # None: no augmentation
+    num_classes: int
+
+
+def split_segment_data(pairs: PairedData, cfg: RunConfig) -> tuple[ImageData, SegmentSplit]:
+    """The training images as :class:`ImageData` (no labels) and the rest of the :class:`SegmentSplit`
+    of a segmentation run's pairs (split by id, :func:`difflab.data.paired.split_pairs`)."""
+    seg = cfg.segment
+    if tuple(pairs.classes) != seg.classes:
+        raise ConfigError(f"the data's classes ({', '.join(pairs.classes)}) differ from the run's "
+                          f"({', '.join(seg.classes)}); {pairs.source}")
+    train, val = split_pairs(pairs, seg.val_fraction)
+    images = ImageData(images=pairs.images[train].contiguous(), labels=None, source=pairs.source,
+                       num_skipped=pairs.num_skipped)
+    aug = None if seg.augment.is_identity else seg.augment
+    return images, SegmentSplit(masks=pairs.masks[train].contiguous(), val_images=pairs.images[val].contiguous(),
+                                val_masks=pairs.masks[val].contiguous(), augment=aug, num_classes=seg.num_classes)
 
 
 @dataclass(frozen=True)
@@ -136,7 +193,7 @@ class Trainer:
         cfg: RunConfig,
         run_dir: str | os.PathLike[str],
         *,
-        data: ImageData | None = None,
+        data: ImageData | PairedData | None = None,
         resume: bool | Literal["auto"] = False,
         progress: bool = True,
         device: str | torch.device | None = None,
@@ -159,7 +216,16 @@ class Trainer:
         if self.dist.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
-        self.data = data if data is not None else self._load_data()
+        loaded = data if data is not None else self._load_data()
+        # a segmentation run (difflab.edit.segment): the training split's images, their masks, the held-out pairs
+        self.seg: SegmentSplit | None = None
+        if isinstance(loaded, PairedData):
+            if not cfg.segment.active:
+                raise ConfigError("image/mask pairs are for a segmentation run (difflab train --task segment)")
+            loaded, self.seg = split_segment_data(loaded, cfg)
+        elif cfg.segment.active:
+            raise ConfigError("a segmentation run trains on image/mask pairs (difflab.data.paired.load_pairs)")
+        self.data: ImageData = loaded
         self.autocast = autocast_dtype(tc.precision, self.device)
         # a latent run (difflab.latent): the frozen autoencoder and the data set's latents, encoded once
         self.codec: LatentCodec | None = None
@@ -167,10 +233,12 @@ class Trainer:
         if cfg.latent.active:
             self.codec, self.latents = self._encode_data(resume)
         c, h = self.latents.shape[2:4] if self.latents is not None else self.data.images.shape[1:3]
-        if (c, h) != (cfg.model.in_channels, cfg.model.image_size):
+        # a segmentation run's images are the condition; the network denoises their masks
+        want = cfg.model.cond_channels if self.seg is not None else cfg.model.in_channels
+        if (c, h) != (want, cfg.model.image_size):
             what = "latents" if self.latents is not None else "images"
             raise ConfigError(
-                f"data has {c}-channel {h}px {what} but the model expects {cfg.model.in_channels}-channel "
+                f"data has {c}-channel {h}px {what} but the model expects {want}-channel "
                 f"{cfg.model.image_size}px"
             )
         up = cfg.upscale
@@ -225,10 +293,13 @@ class Trainer:
                 freeze(self.codec, self.run_dir, cfg.latent.autoencoder)
 
     # -- data --------------------------------------------------------------------------
-    def _load_data(self) -> ImageData:
-        """Rank 0 decodes (and fills the cache) first; the other ranks then read the cache."""
-        def load() -> ImageData:
+    def _load_data(self) -> ImageData | PairedData:
+        """Rank 0 decodes (and fills the cache) first; the other ranks then read the cache. A
+        segmentation run reads image/mask pairs."""
+        def load() -> ImageData | PairedData:
             d = self.cfg.data
+            if self.cfg.segment.active:
+                return load_pairs(d.source, d.image_size, progress=self.progress and self.dist.is_main)
             return load_dataset(d.source, d.image_size, d.channels or None, labels=d.labels,
                                 progress=self.progress and self.dist.is_main)
         if self.dist.world_size == 1:
@@ -259,27 +330,11 @@ class Trainer:
         dist.barrier()
         return codec, encode()
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.data.images), generator=g)
-        return perm[self.dist.rank :: self.dist.world_size]
-
     def _next_indices(self, n: int) -> tuple[torch.Tensor, list[int]]:
-        """The next ``n`` images of this rank: (data indices, example keys). An example's key is its
-        place in the whole job's stream of examples (epoch, position in the epoch's permutation),
-        the same whichever rank, world size or micro-batch it lands in."""
-        out, keys = [], []
-        W, r, N = self.dist.world_size, self.dist.rank, len(self.data.images)
-        while n > 0:
-            perm = self._permutation(self.epoch)
-            take = perm[self.pos : self.pos + n]
-            out.append(take)
-            keys += [self.epoch * N + r + W * j for j in range(self.pos, self.pos + len(take))]
-            n -= len(take)
-            self.pos += len(take)
-            if self.pos >= len(perm):
-                self.epoch, self.pos = self.epoch + 1, 0
-        return torch.cat(out), keys
+        """The next ``n`` images of this rank (see :func:`next_examples`)."""
+        idx, keys, self.epoch, self.pos = next_examples(self.cfg.train.seed, len(self.data.images), n, self.epoch,
+                                                        self.pos, self.dist.rank, self.dist.world_size)
+        return idx, keys
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
         """(images on the device, their data indices, one generator per image). Every random choice
@@ -299,22 +354,55 @@ class Trainer:
             x = torch.cat([augment(x[i:i + 1], aug, g) for i, g in enumerate(gens)])
         return to_device(x, self.device).contiguous(memory_format=self.memory_format), idx, gens
 
+    def _segment_batch(self, seg: SegmentSplit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          list[torch.Generator]]:
+        """A segmentation run's batch: (one-hot masks x0 (B, K, S, S) in [-1, 1], images (B, 3, S, S),
+        masks (B, S, S), data indices, one generator per example). Each example's own generator drives
+        the joint augmentation of its image and mask (first), then its timestep and noise (in
+        :meth:`_train_step`), as in :meth:`_batch`."""
+        idx, keys = self._next_indices(self.micro_batch)
+        gens = image_generators(self.cfg.train.seed, keys, stream=TRAIN_STREAM)
+        images, masks = to_float(self.data.images[idx]), seg.masks[idx]
+        if seg.augment is not None:
+            pairs = [joint_augment(images[i], masks[i], seg.augment, g) for i, g in enumerate(gens)]
+            images, masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        x0 = onehot(masks, seg.num_classes)
+        fmt = self.memory_format
+        return (to_device(x0, self.device).contiguous(memory_format=fmt),
+                to_device(images, self.device).contiguous(memory_format=fmt), to_device(masks, self.device), idx, gens)
+
     # -- one optimizer step ------------------------------------------------------------
     def _train_step(self, sums: torch.Tensor) -> torch.Tensor:
         tc, T = self.cfg.train, self.schedule.num_timesteps
         for lr_group in self.optimizer.param_groups:
             lr_group["lr"] = lr_at(self.step, tc)
+        seg = self.seg
+        plain_segmenter = seg is not None and self.cfg.segment.objective is SegObjective.CE
         for micro in range(tc.grad_accum):
-            x0, idx, gens = self._batch()
-            t = torch.cat([self.objective.sample_t(1, g) for g in gens])
-            noise = randn(x0.shape, gens, device=self.device).contiguous(memory_format=self.memory_format)
-            cond = self.conditions.batch(idx, gens)
+            if seg is not None:  # a segmentation run: the mask is what is generated, the image the condition
+                x0, image, mask, idx, gens = self._segment_batch(seg)
+            else:
+                x0, idx, gens = self._batch()
+            if plain_segmenter:  # one pass at t = 0, cross-entropy: no noise level, no noise
+                t = torch.zeros(len(gens), dtype=torch.float64)
+            else:
+                t = torch.cat([self.objective.sample_t(1, g) for g in gens])
+                noise = randn(x0.shape, gens, device=self.device).contiguous(memory_format=self.memory_format)
+            if seg is not None:
+                cond = {"lowres": image}
+            else:
+                cond = self.conditions.batch(idx, gens)
             if self.cfg.upscale.active:  # a super-resolution run: the low-resolution version is the condition
                 pairs = [training_pair(x0[i:i + 1], self.cfg.upscale, g) for i, g in enumerate(gens)]
                 x0, cond["lowres"] = (torch.cat(part).contiguous(memory_format=self.memory_format) for part in zip(*pairs))
             sync = contextlib.nullcontext() if self.ddp is None or micro == tc.grad_accum - 1 else self.ddp.no_sync()
             with sync:
-                per_example = self.objective.loss(x0, t, noise, **cond)
+                if plain_segmenter:
+                    assert seg is not None
+                    per_example = ce_loss(self.forward_net, image, mask, seg.num_classes, autocast=self.autocast,
+                                          memory_format=self.memory_format)
+                else:
+                    per_example = self.objective.loss(x0, t, noise, **cond)
             loss = per_example.mean() / tc.grad_accum
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             with torch.no_grad():  # loss sums per timestep quartile, read only at log time (no sync per step)
@@ -496,6 +584,9 @@ class Trainer:
         """A grid from fixed seeds with the EMA weights, so grids of successive steps compare."""
         if not self.dist.is_main or not self.cfg.train.sample_grid_size:
             return
+        if self.seg is not None:
+            self._save_segment_preview(self.seg)
+            return
         c, s = self.cfg.model.in_channels, self.cfg.model.image_size
         with torch.random.fork_rng(devices=[]):  # sampling must not disturb training randomness
             n = self.cfg.train.sample_grid_size
@@ -513,6 +604,30 @@ class Trainer:
         save_grid(imgs, out / "latest.png", scale=2)
         if self.tb is not None:
             self.tb.grid(make_grid(to_uint8(imgs.cpu())), self.step)
+
+    @torch.no_grad()
+    def _save_segment_preview(self, seg: SegmentSplit) -> None:
+        """A segmentation run's preview: rows image | true mask | sampled mask (colourised) for the first
+        validation pairs (the first training pairs when none are held out), EMA weights, fixed seeds."""
+        n = min(self.cfg.train.sample_grid_size, SEGMENT_PREVIEW_ROWS)
+        images, masks = (seg.val_images, seg.val_masks) if len(seg.val_images) else (self.data.images, seg.masks)
+        images, masks = images[:n], masks[:n]
+        x = to_device(to_float(images), self.device)
+        with torch.random.fork_rng(devices=[]):  # sampling must not disturb training randomness
+            if self.cfg.segment.objective is SegObjective.CE:
+                pred = to_mask(ce_logits(self.ema.model, x, seg.num_classes, autocast=self.autocast,
+                                         memory_format=self.memory_format))
+            else:
+                pred = to_mask(torch.cat([b for _, b in segment_batches(
+                    self.denoiser(), x, seg.num_classes, SEGMENT_PREVIEW_SAMPLER, seed=self.cfg.train.seed,
+                    device=self.device, progress=False)]))
+        tiles = [t for i in range(len(images)) for t in (images[i], colorize(masks[i]), colorize(pred[i].cpu()))]
+        grid = torch.stack(tiles)
+        out = self.run_dir / "samples"
+        save_grid(grid, out / f"step-{self.step:07d}.png", nrow=3, scale=2)
+        save_grid(grid, out / "latest.png", nrow=3, scale=2)
+        if self.tb is not None:
+            self.tb.grid(make_grid(grid, nrow=3), self.step)
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint (atomically), with every rank's random streams; the other

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,10 +62,11 @@ def frame_indices(num_steps: int, frames: int) -> list[int]:
 @torch.no_grad()
 def record_trajectory(
     denoiser: Denoiser, n: int, shape: Sequence[int], cfg: SamplerConfig, *, frames: int = 20, seed: int = 0,
-    start: int = 0, progress: bool = True,
+    start: int = 0, progress: bool = True, **cond: Any,
 ) -> Trajectory:
     """Run the sampler on images ``start .. start + n - 1`` (seeds as in ``difflab sample``) and keep
-    ``frames`` of its states (see the module docstring)."""
+    ``frames`` of its states (see the module docstring). ``cond``: the network's condition keywords,
+    each with ``n`` rows (e.g. ``lowres``, the image a segmentation run segments)."""
     if n < 1:
         raise ConfigError(f"-n must be at least 1, got {n}")
     grid = make_grid(denoiser.schedule, cfg)
@@ -83,7 +85,7 @@ def record_trajectory(
     idx = range(start, start + n)
     gens = image_generators(seed, idx)
     x = randn((n, *shape), gens, device=denoiser.device)
-    out = run_sampler(denoiser, x, grid, cfg, generator=gens, callback=callback).float()
+    out = run_sampler(denoiser, x, grid, cfg, generator=gens, callback=callback, **cond).float()
     bar.close()
     xs[N], x0s[N] = out, out
     t = [float(grid.t[i]) if i < N else None for i in keep]
