@@ -58,7 +58,10 @@ def main() -> None:
     p.add_argument("--minutes", default="10,30,60", help="milestones, cumulative training minutes per objective")
     p.add_argument("--samples", default="1,4,16", help="diffusion: masks sampled per image")
     p.add_argument("--steps", default="10,25", help="diffusion: sampling steps (the run's sampler)")
-    p.add_argument("--objectives", default="diffusion,ce")
+    p.add_argument("--objectives", default="diffusion,ce",
+                   help="runs: NAME[=key=value+key=value]; a NAME starting with ce trains the plain segmenter, e.g. "
+                        "diffusion,ce,diffusion-add=model.cond_mode=add")
+    p.add_argument("--overrides", default="segment.hflip=true", help="key=value settings of every run, comma separated")
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,20 +69,23 @@ def main() -> None:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for minutes in [float(m) for m in args.minutes.split(",")]:
-        for objective in args.objectives.split(","):
-            run = out / objective
+        for spec in args.objectives.split(","):
+            name, _, extra = spec.partition("=")
+            objective = "ce" if name.startswith("ce") else "diffusion"
+            settings_of_run = [o for o in args.overrides.split(",") if o] + [o for o in extra.split("+") if o]
+            run = out / name
             done = trained_minutes(run)
             if done < minutes - 0.05:  # train (or resume) to this milestone
                 budget = ["--minutes", f"{minutes - done:.3f}"]
                 if done == 0:
                     difflab_cli("train", "--task", "segment", "--data", str(data), "--image-size", str(args.image_size),
-                                "--objective", objective, "--out", str(run), "--no-progress", *budget)
+                                "--objective", objective, "--out", str(run), "--no-progress", *budget, *settings_of_run)
                 else:
                     difflab_cli("train", "--out", str(run), "--resume", "--no-progress", *budget)
             settings = [(1, 1)] if objective == "ce" else [(int(k), int(s)) for k in args.samples.split(",")
                                                            for s in args.steps.split(",")]
             for k, steps in settings:
-                key = f"{objective}-{minutes:g}min-K{k}-S{steps}"
+                key = f"{name}-{minutes:g}min-K{k}-S{steps}"
                 if key in results:
                     continue
                 pred = out / "pred" / key
@@ -91,7 +97,7 @@ def main() -> None:
                 difflab_cli("eval-seg", "--pred", str(pred), "--truth", str(data), "--only-predicted", "--json", str(scores))
                 r = json.loads(scores.read_text())
                 n = r["images"]
-                results[key] = {"objective": objective, "minutes": minutes, "samples": k, "steps": steps,
+                results[key] = {"run": name, "objective": objective, "minutes": minutes, "samples": k, "steps": steps,
                                 "miou": r["miou"], "iou": r["iou"], "pixel_accuracy": r["pixel_accuracy"],
                                 "uncertainty": r.get("uncertainty"), "seconds_per_image": seconds / n, "images": n,
                                 "train_minutes": trained_minutes(run)}
@@ -100,18 +106,18 @@ def main() -> None:
                       flush=True)
     classes = list(next(iter(results.values()))["iou"])
     head = " | ".join(classes)
-    print(f"\n| objective | minutes | K | steps | mIoU | {head} | pixel acc. | top-10% error / rest | s / image |")
+    print(f"\n| run | minutes | K | steps | mIoU | {head} | pixel acc. | top-10% error / rest | s / image |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(classes) + "---:|---:|---:|")
     for r in results.values():
         unc = r.get("uncertainty") or {}
         ranking = f"{unc['error_rate_top']:.3f} / {unc['error_rate_rest']:.3f}" if unc.get("error_rate_top") is not None else "-"
         ious = " | ".join("-" if r["iou"][c] is None else f"{r['iou'][c]:.3f}" for c in classes)
-        print(f"| {r['objective']} | {r['minutes']:g} | {r['samples'] if r['objective'] != 'ce' else '-'} | "
+        print(f"| {r['run']} | {r['minutes']:g} | {r['samples'] if r['objective'] != 'ce' else '-'} | "
               f"{r['steps'] if r['objective'] != 'ce' else '-'} | {r['miou']:.3f} | {ious} | {r['pixel_accuracy']:.3f} | "
               f"{ranking} | {r['seconds_per_image']:.3f} |")
     last = max(r["minutes"] for r in results.values())
-    diff = [r for r in results.values() if r["objective"] == "diffusion" and r["minutes"] == last]
-    ce = [r for r in results.values() if r["objective"] == "ce" and r["minutes"] == last]
+    diff = [r for r in results.values() if r["run"] == "diffusion" and r["minutes"] == last]
+    ce = [r for r in results.values() if r["run"] == "ce" and r["minutes"] == last]
     if diff and ce:
         best = max(diff, key=lambda r: r["miou"])
         print(f"miou_diffusion={best['miou']:.3f} (K={best['samples']}, steps={best['steps']}) miou_ce={ce[0]['miou']:.3f} "
