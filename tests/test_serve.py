@@ -197,6 +197,33 @@ def test_the_progress_totals_count_every_callback(studio):
     assert len(calls) == network_calls(6, 2, 3) and [c.i for c in calls] == list(range(len(calls)))
 
 
+def test_a_latent_run_generates_the_decoded_pixels_of_its_command_and_refuses_edits(data_folder, tmp_path):
+    """The page on a latent run (difflab.latent): its x0 previews and results are decoded images, the same
+    bytes as the printed `difflab sample` command writes; SDEdit and inpainting say they need a pixel run."""
+    from difflab.runs import load_run
+
+    ae, ldm = tmp_path / "ae", tmp_path / "ldm"
+    assert main(["train-autoencoder", "--data", str(data_folder), "--image-size", "16", "--out", str(ae), "--max-steps", "2",
+                 "--batch-size", "4", "--holdout", "2", "--no-progress", "net.width=8", "net.max_width=16",
+                 "train.sample_every=0", "train.precision=fp32"]) == 0
+    assert main(["train", "--latent-of", str(ae), "--data", str(data_folder), "--out", str(ldm), *TINY]) == 0
+    studio = Studio(load_run(ldm), str(ldm), tmp_path / "out", limits=Limits(upload_bytes=4096))
+    prepared = studio.prepare({"task": "generate", "steps": "3", "seed": "5", "n": "2", "precision": "fp32"})
+    job = prepared.job
+    job.work(job)
+    assert job.preview is not None and Image.open(io.BytesIO(job.preview)).size[1] >= 16  # decoded 16 px images
+    page_files = sorted((tmp_path / "out" / "generate" / job.id).glob("*.png"))
+    argv = shlex.split(job.command)[1:]
+    out = tmp_path / "cli"
+    argv[argv.index("--out") + 1] = str(out)
+    assert main([*argv, "--no-progress"]) == 0
+    assert [f.name for f in page_files] == ["1.png", "2.png"]
+    for f in page_files:
+        assert Image.open(f).size == (16, 16) and f.read_bytes() == (out / f.name).read_bytes()
+    with pytest.raises(DifflabError, match="is a latent run: SDEdit and inpainting work on pixel-space runs"):
+        studio.prepare({"task": "edit", "image": "uploads/0123456789abcdef.png", "strength": "0.5"})
+
+
 def test_a_caption_run_needs_a_prompt():
     cond = CondConfig(attributes=("hair", "eyes"), classes=(("blue", "red"), ("green", "brown")), captions=True)
     run = types.SimpleNamespace(config=types.SimpleNamespace(cond=cond), schedule=types.SimpleNamespace(num_timesteps=1000))
