@@ -209,3 +209,15 @@ def test_a_class_conditional_latent_run_samples_each_class_with_guidance(tmp_pat
     assert code == 0, err
     assert sorted(int(p.stem) for p in (tmp_path / "s").glob("*.png")) == [1, 2, 3, 4]
     assert all(Image.open(p).size == (16, 16) for p in (tmp_path / "s").glob("*.png"))
+
+
+def test_progress_and_animate_show_a_latent_run_through_its_decoder(latent_run, tmp_path, capsys):
+    code, _, err = _run(capsys, "progress", "--run", latent_run, "-n", 2, "--steps", 4, "--frames", 3,
+                        "--out", tmp_path / "p.png", "--npz", tmp_path / "p.npz", "--no-progress")
+    assert code == 0, err
+    arrays = np.load(tmp_path / "p.npz")
+    assert arrays["x0"].shape[2:] == (3, 16, 16) and arrays["x"].shape[2:] == (3, 16, 16)  # decoded images, not latents
+    code, _, err = _run(capsys, "animate", "--run", latent_run, "-n", 2, "--steps", 4, "--frames", 3,
+                        "--out", tmp_path / "a.gif", "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "a.gif").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from difflab.cli.common import (
@@ -25,10 +26,14 @@ def _trajectory(args: argparse.Namespace, n: int, frames: int):
     from difflab.samplers import SamplerConfig
     from difflab.visualize.progress import record_trajectory
 
-    run = load_run_for(args)
+    run = load_run_for(args, latent=True)
     cfg = sampler_config(args, SamplerConfig.default_for(TRAJECTORY_SAMPLER))
     traj = record_trajectory(run.denoiser(args.clip, args.precision), n, run.image_shape, cfg, frames=frames,
                              seed=args.seed, progress=not args.no_progress)
+    if run.codec is not None:  # a latent run: every kept state and x0 estimate shown through the decoder
+        def decode(states):
+            return run.to_pixels(states.flatten(0, 1), args.precision).unflatten(0, states.shape[:2])
+        traj = dataclasses.replace(traj, x=decode(traj.x), x0=decode(traj.x0))
     return run, traj
 
 
