@@ -614,19 +614,10 @@ def resolve_config(
         raw["recipe"] = rec.name
         named |= _set_overrides(raw, rec.overrides)
         sampler_given |= {k.split(".", 1)[1] for k in named if k.startswith("sampler.")}
-    for section, values in (toml or {}).items():
-        if section == "preset":
-            continue
-        if isinstance(values, Mapping) and isinstance(raw.get(section), dict):
-            raw[section] = _merge(raw[section], values)
-        else:
-            raw[section] = values
+    merge_sections(raw, toml, skip=("preset",))
     _check_sections(raw)
     named |= {f"{sec}.{k}" for sec, values in (toml or {}).items() if isinstance(values, Mapping) for k in values}
-    for key, value in (flags or {}).items():
-        if value is not None:
-            sec, name_ = key.split(".", 1)
-            raw[sec][name_] = value
+    merge_sections(raw, flags=flags)
     explicit = _set_overrides(raw, overrides)
     sampler_given |= {k.split(".", 1)[1] for k in explicit if k.startswith("sampler.")}
     kind = raw["sampler"].get("sampler", base.sampler.sampler.value)
@@ -745,6 +736,25 @@ def _resize_model(model: dict, size: int) -> dict:
         "attention_resolutions": remap(model["attention_resolutions"]),
         "linear_attention_resolutions": remap(model["linear_attention_resolutions"]),
     }
+
+
+def merge_sections(raw: dict, toml: Mapping[str, Any] | None = None, flags: Mapping[str, Any] | None = None,
+                   skip: tuple[str, ...] = ()) -> dict:
+    """``raw`` (a config as a dict) with a TOML file's tables merged in (keys in ``skip`` left out) and then
+    the flags' dotted keys set (``{"train.lr": 1e-3}``; None = not given): the middle of every family's
+    resolution order (defaults < preset < TOML < flags < overrides)."""
+    for section, values in (toml or {}).items():
+        if section in skip:
+            continue
+        if isinstance(values, Mapping) and isinstance(raw.get(section), dict):
+            raw[section] = _merge(raw[section], values)
+        else:
+            raw[section] = values
+    for key, value in (flags or {}).items():
+        if value is not None:
+            sec, leaf = key.split(".", 1)
+            raw[sec][leaf] = value
+    return raw
 
 
 def _merge(a: dict, b: Mapping) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from difflab.config import DataConfig, JsonConfig, _merge, apply_overrides, from_dict, to_dict
+from difflab.config import DataConfig, JsonConfig, apply_overrides, from_dict, merge_sections, to_dict
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
 from difflab.precision import Precision
@@ -180,13 +180,5 @@ def resolve_autoencoder_config(
 ) -> AutoencoderConfig:
     """Defaults < TOML < flags (``{"net.downsample": 8, ...}``, None = not given) < ``key=value`` overrides."""
     raw = to_dict(AutoencoderConfig())
-    for section, values in (toml or {}).items():
-        if isinstance(values, Mapping) and isinstance(raw.get(section), dict):
-            raw[section] = _merge(raw[section], values)
-        else:
-            raw[section] = values
-    for key, value in (flags or {}).items():
-        if value is not None:
-            sec, leaf = key.split(".", 1)
-            raw[sec][leaf] = value
+    merge_sections(raw, (toml or {}), flags)
     return apply_overrides(from_dict(AutoencoderConfig, raw), overrides)

@@ -12,8 +12,7 @@ import argparse
 
 from difflab.cli.common import (
     Command,
-    ResumeAction,
-    add_device_option,
+    add_training_controls,
     is_resuming,
     nonneg_float,
     nonneg_int,
@@ -47,14 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="training seed")
     p.add_argument("--holdout", type=nonneg_int,
                    help="the last N images of the data are never trained on; the final report measures them (default 500)")
-    p.add_argument("--resume", nargs="?", const="always", action=ResumeAction, metavar="auto",
-                   help="continue the run in --out from its newest checkpoint (flags equal to the saved config are "
-                        "fine); --resume auto: resume if --out has a checkpoint, else start the run")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    add_device_option(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. net.width=48 loss.kl_weight=1e-5 train.sample_every=200")
+    add_training_controls(p, "net.width=48 loss.kl_weight=1e-5 train.sample_every=200")
 
 
 def _flags(args: argparse.Namespace) -> dict:

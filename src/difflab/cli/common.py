@@ -286,6 +286,20 @@ def resume_config(saved: C, flags: dict[str, Any], overrides: Sequence[str], *, 
     return cfg
 
 
+def add_training_controls(p: argparse.ArgumentParser, overrides_example: str) -> None:
+    """The options every training command ends with: --resume [auto], --dry-run, --device, --no-progress
+    and the ``key=value`` overrides (``overrides_example`` shows some)."""
+    p.add_argument("--resume", nargs="?", const="always", action=ResumeAction, metavar="auto",
+                   help="continue the run in --out from its newest checkpoint (flags equal to the saved config are "
+                        "fine; only training options may change); --resume auto: resume if --out has a checkpoint, "
+                        "else start the run, so one command line serves the first start and every requeue")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_device_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"config overrides with dotted keys, e.g. {overrides_example}")
+
+
 class ResumeAction(argparse.Action):
     """``--resume`` (always) or ``--resume auto``. An optional value swallows the next word, so a
     ``key=value`` override right after ``--resume`` is handed back to the overrides."""

@@ -15,8 +15,8 @@ from pathlib import Path
 from difflab.cli.common import (
     Command,
     Parser,
-    ResumeAction,
     add_device_option,
+    add_training_controls,
     check_outputs,
     is_resuming,
     nonneg_float,
@@ -50,14 +50,7 @@ def add_gan_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, help="images per step")
     p.add_argument("--lr", type=float, help="learning rate of both G and D (train.lr_g / train.lr_d set them apart)")
     p.add_argument("--seed", type=int, help="training seed")
-    p.add_argument("--resume", nargs="?", const="always", action=ResumeAction, metavar="auto",
-                   help="continue the run in --out from its newest checkpoint (flags equal to the saved config are "
-                        "fine); --resume auto: resume if --out has a checkpoint, else start the run")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    add_device_option(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. train.r1_gamma=0.05 train.diffaug=translation,cutout net.width=48")
+    add_training_controls(p, "train.r1_gamma=0.05 train.diffaug=translation,cutout net.width=48")
 
 
 def _train_flags(args: argparse.Namespace) -> dict:

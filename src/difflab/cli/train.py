@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING
 
 from difflab.cli.common import (
     Command,
-    ResumeAction,
-    add_device_option,
+    add_training_controls,
     is_resuming,
     nonneg_float,
     out_folder,
@@ -61,15 +60,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="training seed")
-    p.add_argument("--resume", nargs="?", const="always", action=ResumeAction, metavar="auto",
-                   help="continue the run in --out from its newest checkpoint (flags equal to the saved config are "
-                        "fine; only training options may change); --resume auto: resume if --out has a checkpoint, "
-                        "else start the run, so one command line serves the first start and every requeue")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    add_device_option(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides with dotted keys, e.g. train.lr=1e-4 schedule.kind=cosine model.dropout=0")
+    add_training_controls(p, "train.lr=1e-4 schedule.kind=cosine model.dropout=0")
 
 
 def _train_flags(args: argparse.Namespace) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from difflab.config import DataConfig, JsonConfig, _merge, apply_overrides, from_dict, to_dict
+from difflab.config import DataConfig, JsonConfig, apply_overrides, from_dict, merge_sections, to_dict
 from difflab.data.augment import AugmentConfig
 from difflab.errors import ConfigError, parse_choice
 from difflab.gan.diffaug import OPS as DIFFAUG_OPS
@@ -207,15 +207,7 @@ def resolve_gan_config(
     raw["data"]["channels"] = 0
     raw["kind"] = parse_choice(GANKind, kind or toml.get("kind") or GANKind.STYLEGAN, "--kind").value
     raw["train"].update(KIND_TRAINING[GANKind(raw["kind"])])
-    for section, values in toml.items():
-        if isinstance(values, Mapping) and isinstance(raw.get(section), dict):
-            raw[section] = _merge(raw[section], values)
-        else:
-            raw[section] = values
-    for key, value in (flags or {}).items():
-        if value is not None:
-            sec, leaf = key.split(".", 1)
-            raw[sec][leaf] = value
+    merge_sections(raw, toml, flags)
     if raw["data"].get("channels", 0) == 0:  # resolved below, after the overrides; 3 keeps the check quiet
         raw["data"]["channels"], auto = 3, True
     else:
