@@ -11,6 +11,11 @@ K samples per image for each ``--samples`` and each ``--steps``; ce: one pass) a
 against the true masks: mIoU, per-class IoU, pixel accuracy, the uncertainty ranking (error rate in the
 10% most uncertain pixels against the rest), and seconds per image. Runs train alone on the machine.
 
+``--steps-per-minute R`` turns each milestone into ``round(R * minutes)`` optimizer steps (R measured from
+a solo run; both objectives cost the same per step, so equal steps are equal compute); with it,
+``--parallel`` trains the runs of a milestone side by side (the cores split between them) and the scores
+do not depend on what else the machine was doing. The seconds per image still do: score on a quiet machine.
+
 Last line: ``miou_diffusion=.. miou_ce=.. minutes=.. ratio=..`` for the last milestone and the best
 diffusion setting (ratio = miou_diffusion / miou_ce: above 1, diffusion wins).
 """
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +50,12 @@ def val_folder(data: Path, out: Path, size: int, fraction: float) -> Path:
     return folder
 
 
+def trained_steps(run: Path) -> int:
+    if not (run / "latest.json").exists():
+        return 0
+    return int(json.loads((run / "latest.json").read_text())["step"])
+
+
 def trained_minutes(run: Path) -> float:
     if not (run / "latest.json").exists():
         return 0.0
@@ -62,26 +75,56 @@ def main() -> None:
                    help="runs: NAME[=key=value+key=value]; a NAME starting with ce trains the plain segmenter, e.g. "
                         "diffusion,ce,diffusion-add=model.cond_mode=add")
     p.add_argument("--overrides", default="segment.hflip=true", help="key=value settings of every run, comma separated")
+    p.add_argument("--steps-per-minute", type=float, default=None,
+                   help="budget each milestone as round(R * minutes) optimizer steps instead of wall minutes")
+    p.add_argument("--parallel", action="store_true",
+                   help="with --steps-per-minute: train a milestone's runs side by side, the cores split between them")
     args = p.parse_args()
+    if args.parallel and args.steps_per_minute is None:
+        p.error("--parallel needs --steps-per-minute (wall-minute budgets are only fair for runs trained alone)")
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     val = val_folder(data, out, args.image_size, 0.1)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    specs = []
+    for spec in args.objectives.split(","):
+        name, _, extra = spec.partition("=")
+        objective = "ce" if name.startswith("ce") else "diffusion"
+        specs.append((name, objective, [o for o in args.overrides.split(",") if o] + [o for o in extra.split("+") if o]))
     for minutes in [float(m) for m in args.minutes.split(",")]:
-        for spec in args.objectives.split(","):
-            name, _, extra = spec.partition("=")
-            objective = "ce" if name.startswith("ce") else "diffusion"
-            settings_of_run = [o for o in args.overrides.split(",") if o] + [o for o in extra.split("+") if o]
+        commands = []
+        for name, objective, settings_of_run in specs:
             run = out / name
-            done = trained_minutes(run)
-            if done < minutes - 0.05:  # train (or resume) to this milestone
+            if args.steps_per_minute is not None:
+                target = round(args.steps_per_minute * minutes)
+                if trained_steps(run) >= target:
+                    continue
+                budget = ["--max-steps", str(target)]
+            else:
+                done = trained_minutes(run)
+                if done >= minutes - 0.05:
+                    continue
                 budget = ["--minutes", f"{minutes - done:.3f}"]
-                if done == 0:
-                    difflab_cli("train", "--task", "segment", "--data", str(data), "--image-size", str(args.image_size),
-                                "--objective", objective, "--out", str(run), "--no-progress", *budget, *settings_of_run)
-                else:
-                    difflab_cli("train", "--out", str(run), "--resume", "--no-progress", *budget)
+            if (run / "latest.json").exists():  # resume to this milestone
+                commands.append(["train", "--out", str(run), "--resume", "--no-progress", *budget])
+            else:
+                commands.append(["train", "--task", "segment", "--data", str(data), "--image-size", str(args.image_size),
+                                 "--objective", objective, "--out", str(run), "--no-progress", *budget, *settings_of_run])
+        if args.parallel and len(commands) > 1:
+            threads = str(max(1, (os.cpu_count() or 1) // len(commands)))
+            env = {**os.environ, "OMP_NUM_THREADS": threads}
+            procs = []
+            for c in commands:
+                print("$ OMP_NUM_THREADS=" + threads, "difflab", " ".join(c), flush=True)
+                procs.append(subprocess.Popen([sys.executable, "-m", "difflab", *c], env=env))
+            if any([proc.wait() for proc in procs]):
+                sys.exit("a training run failed")
+        else:
+            for c in commands:
+                difflab_cli(*c)
+        for name, objective, _ in specs:
+            run = out / name
             settings = [(1, 1)] if objective == "ce" else [(int(k), int(s)) for k in args.samples.split(",")
                                                            for s in args.steps.split(",")]
             for k, steps in settings:
@@ -100,7 +143,7 @@ def main() -> None:
                 results[key] = {"run": name, "objective": objective, "minutes": minutes, "samples": k, "steps": steps,
                                 "miou": r["miou"], "iou": r["iou"], "pixel_accuracy": r["pixel_accuracy"],
                                 "uncertainty": r.get("uncertainty"), "seconds_per_image": seconds / n, "images": n,
-                                "train_minutes": trained_minutes(run)}
+                                "train_minutes": trained_minutes(run), "train_steps": trained_steps(run)}
                 results_file.write_text(json.dumps(results, indent=2))
                 print(key, json.dumps({k2: results[key][k2] for k2 in ("miou", "pixel_accuracy", "seconds_per_image")}),
                       flush=True)

@@ -221,3 +221,18 @@ def test_progress_and_animate_show_a_latent_run_through_its_decoder(latent_run, 
                         "--out", tmp_path / "a.gif", "--no-progress")
     assert code == 0, err
     assert (tmp_path / "a.gif").is_file()
+
+
+def test_compare_sweeps_samplers_on_a_latent_run_and_writes_the_decoded_images(latent_run, tmp_path, capsys):
+    code, _, err = _run(capsys, "compare", "--run", latent_run, "-n", 3, "--samplers", "ddim-4,euler-3", "--batch-size", 2,
+                        "--out", tmp_path / "cmp", "--no-progress", "--precision", "fp32")
+    assert code == 0, err
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["image_shape"] == [3, 16, 16] and [r["sampler"] for r in result["rows"]] == ["ddim-4", "euler-3"]
+    code, _, err = _run(capsys, "sample", "--run", latent_run, "-n", 3, "--sampler", "ddim", "--steps", 4, "--eta", 0,
+                        "--format", "png", "--out", tmp_path / "imgs", "--no-progress", "--precision", "fp32")
+    assert code == 0, err
+    for k in (1, 2, 3):  # the same seeds, the same decoder: compare's images are the ones sample writes
+        got = np.array(Image.open(tmp_path / "cmp" / "ddim-4" / f"{k}.png"), dtype=np.int16)
+        want = np.array(Image.open(tmp_path / "imgs" / f"{k}.png"), dtype=np.int16)
+        assert got.shape == (16, 16, 3) and np.abs(got - want).max() <= 1

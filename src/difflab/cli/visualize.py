@@ -226,7 +226,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if args.real and not Path(args.real).expanduser().exists():
             raise DataError(f"--real {args.real} does not exist")
     out = out_folder(args.out, "--out") if args.out else None
-    run = load_run_for(args)
+    run = load_run_for(args, latent=True)
     specs = parse_sampler_specs(args.samplers, run.schedule.num_timesteps)
     reqs = requests(run.config.cond, args.classes, args.label, args.prompt)
     out = out or run.path / "compare"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +103,11 @@ class _CallCounter:
 
 
 def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir: Path, *, seed: int,
-             batch_size: int, fmt: str = "png", progress: bool = True, cond: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Sample ``n`` images with ``spec`` into ``out_dir`` (1.png ...); time the sampling alone. ``cond``:
-    per-image conditions (:func:`difflab.samplers.sample_batches`)."""
+             batch_size: int, fmt: str = "png", progress: bool = True, cond: dict[str, Any] | None = None,
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Sample ``n`` images with ``spec`` into ``out_dir`` (1.png ...); time the sampling alone (with
+    ``decode``, a latent run's decoder, applied to each batch and timed with it). ``cond``: per-image
+    conditions (:func:`difflab.samplers.sample_batches`)."""
     from difflab.visualize.images import save_numbered
 
     grid = make_grid(denoiser.schedule, spec.config)  # fail before any work
@@ -126,6 +128,9 @@ def generate(denoiser, spec: SamplerSpec, n: int, shape: Sequence[int], out_dir:
             t0 = time.perf_counter()
             try:
                 idx, imgs = next(it)
+                if decode is not None:
+                    with torch.no_grad():
+                        imgs = decode(imgs)
             except StopIteration:
                 break
             seconds += time.perf_counter() - t0
@@ -154,7 +159,7 @@ def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed
                    progress: bool = True, guidance: Sequence[float] = (1.0,), reqs: Sequence[Any] = (),
                    guidance_interval: tuple[float, float] | None = None) -> dict[str, Any]:
     """Generate with every sampler (and every guidance weight), then evaluate each folder; return the
-    result dict written as JSON.
+    result dict written as JSON. A latent run's samples are decoded, the decoding timed with the sampling.
 
     ``eval_kwargs`` are :class:`~difflab.metrics.evaluate.EvalConfig` fields (``real``,
     ``metrics``, ...) or None to measure speed only. ``reqs`` (:func:`difflab.captions.requests`):
@@ -167,6 +172,13 @@ def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed
     cond = condition_rows(run.config.cond, reqs, n)
     total = n * max(len(reqs), 1)
     warm_up(base, run.image_shape, min(total, batch_size))
+    decode = None
+    if run.codec is not None:  # a latent run: images are the decoded latents; the decoder's setup paid here too
+        def decode(x: torch.Tensor) -> torch.Tensor:
+            return run.to_pixels(x, precision)
+
+        with torch.no_grad():
+            decode(torch.zeros((min(total, batch_size), *run.image_shape), device=base.device))
     sweep = tuple(guidance) != (1.0,)
     rows = []
     jobs = [(spec, w) for spec in specs for w in guidance]
@@ -176,7 +188,7 @@ def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed
         outer.set_postfix_str(name)
         den = base if w == 1.0 else base.guided(w, guidance_interval)
         row = generate(den, spec, total, run.image_shape, out / name, seed=seed, batch_size=batch_size, progress=progress,
-                       cond=cond)
+                       cond=cond, decode=decode)
         row.update(sampler=name, guidance=w, guidance_interval=guidance_interval)
         write_record(out / name, {"run": str(run.path), "step": run.step, "n": total, "seed": seed, "guidance": w,
                                   "sampler": to_dict(spec.config), "conditions": conditions(reqs, n, run.config.cond.schema)})
@@ -195,7 +207,7 @@ def run_comparison(run, specs: Sequence[SamplerSpec], *, n: int, out: Path, seed
     firsts = [r.pop("_first") for r in rows]
     return {"run": str(run.path), "step": run.step, "n": total, "seed": seed, "batch_size": batch_size, "clip": clip,
             "precision": precision, "guidance": list(guidance), "conditions": [r.description for r in reqs],
-            "num_timesteps": run.schedule.num_timesteps, "image_shape": list(run.image_shape),
+            "num_timesteps": run.schedule.num_timesteps, "image_shape": list(run.pixel_shape),
             "threads": torch.get_num_threads(), "metrics": (eval_kwargs or {}).get("metrics", []),
             "real": (eval_kwargs or {}).get("real"), "rows": rows, "_firsts": firsts}
 
