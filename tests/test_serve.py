@@ -331,6 +331,15 @@ def test_the_server_guards_its_doors(server):
     assert "Traceback" not in server.log()
 
 
+def test_sigterm_stops_the_server_cleanly(runs, tmp_path):
+    """A service manager's SIGTERM: the server finishes, says so, and exits 0 (no traceback, no silent kill)."""
+    s = Server(["--run", str(runs / "base"), "--out", str(tmp_path / "out")], tmp_path, tmp_path / "serve.log")
+    s.proc.terminate()
+    out, _ = s.proc.communicate(timeout=30)
+    assert s.proc.returncode == 0, s.log()
+    assert "difflab serve: stopped" in out and "Traceback" not in s.log()
+
+
 # -- the page in a real browser ----------------------------------------------------------------------------
 def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):

@@ -6,8 +6,11 @@ and run one at a time (:mod:`difflab.serve`). Needs the ``ui`` extra (Starlette 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,18 +102,44 @@ def run_serve(args: argparse.Namespace) -> int:
         app = create_app(studio, queue, _log, host=args.host)
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
-        print(f"difflab serve: {args.run} (step {run.step}) at {url} ; writing into {out} ; Ctrl-C stops", flush=True)
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            _log(f"warning: --host {args.host} lets other machines use this server (no login)")
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
         try:
-            server.run(sockets=[sock])  # until Ctrl-C or SIGTERM (uvicorn re-raises the signal once it has stopped)
+            with _sigterm_raises():  # before the address is printed: whoever reads it may stop the server at once
+                print(f"difflab serve: {args.run} (step {run.step}) at {url} ; writing into {out} ; Ctrl-C stops",
+                      flush=True)
+                if args.host not in ("127.0.0.1", "localhost", "::1"):
+                    _log(f"warning: --host {args.host} lets other machines use this server (no login)")
+                server.run(sockets=[sock])  # until Ctrl-C or SIGTERM (uvicorn re-raises the signal once it has stopped)
+        except _Terminated:
+            pass  # a clean stop: the queue is closed and the line below printed
         finally:
             queue.close()
             print("difflab serve: stopped", flush=True)
     finally:
         sock.close()
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (uvicorn stops first, then re-raises the signal for the previous handler: this one)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While active, SIGTERM raises :class:`_Terminated` instead of killing the process at once, so the
+    server's ``finally`` still runs (the queue closed, "stopped" printed); the old handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 COMMANDS: dict[str, Command] = {
