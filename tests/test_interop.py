@@ -229,6 +229,45 @@ def test_a_unet_folder_with_a_scheduler_file_imports_too(diffusers, tmp_path, ca
         torch.testing.assert_close(run.model(x, T / 5), unet(x, T / 5).sample, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["sharded", "fp16-variant"])
+def test_sharded_and_fp16_variant_weights_import(diffusers, tmp_path, capsys, layout):
+    """The two other layouts save_pretrained writes: shards with an index (the same numbers, so the same
+    network), and a half-precision variant file (the same network up to fp16 rounding of its weights)."""
+    from safetensors.torch import save_file
+
+    unet = tiny_unet(diffusers, block_out_channels=(16, 32), attention_head_dim=16)
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "unet")
+    single = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    single.unlink()
+    if layout == "sharded":
+        names = sorted(state)
+        halves = {"part-1.safetensors": names[: len(names) // 2], "part-2.safetensors": names[len(names) // 2:]}
+        for shard, keys in halves.items():
+            save_file({k: state[k] for k in keys}, str(tmp_path / "unet" / shard))
+        index = {"metadata": {}, "weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+        (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    code, _, err = run_cli(capsys, "import", "--diffusers", tmp_path / "unet", "--out", tmp_path / "r")
+    assert code == 0, err
+    run = load_run(tmp_path / "r")
+    with torch.no_grad():
+        want = unet(X, T).sample
+        got = run.model(X, T)
+    assert got.dtype == torch.float32
+    if layout == "sharded":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    else:
+        assert 0 < (got - want).abs().max() < 0.05 * want.abs().max()  # fp16 weights: close, not equal
+    if layout == "sharded":  # an index naming a file outside the folder is refused, not followed
+        index["weight_map"][names[0]] = "../elsewhere.safetensors"
+        (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+        line = one_line_error(capsys, "import", "--diffusers", tmp_path / "unet", "--out", tmp_path / "r2")
+        assert "names a shard outside its folder" in line
+
+
 def _write_unet_folder(root: Path, config: dict, weights: str | None = "diffusion_pytorch_model.safetensors") -> Path:
     root.mkdir(parents=True)
     (root / "config.json").write_text(json.dumps(config))
