@@ -11,13 +11,19 @@ mean and covariance; the floor row is measured against the same 5000.)
 
 Each rung is ``name`` (a recipe) or ``label=recipe+key=value+key=value`` (a recipe with overrides, for
 objective candidates); a GAN rung (issue 18) names ``gan:stylegan`` or ``gan:ddgan`` as its recipe
-(``difflab gan train --kind ...``, its ``small`` preset; sampled with ``difflab gan sample``).
+(``difflab gan train --kind ...``, its ``small`` preset; sampled with ``difflab gan sample``). A latent
+rung (issue 21's pipeline) names ``latent:SIZE:AE_MINUTES``: an autoencoder trained AE_MINUTES at SIZE px
+(``difflab train-autoencoder``, its defaults), the faces encoded once (timed), then ``difflab train
+--latent-of`` (the ``best`` recipe, hflip, the rung's overrides) for the rest of the budget: autoencoder
++ encoding + diffusion = the rung's minutes. Its faces are SIZE px (the homework's own 64, say), scored
+against the same reference as the 32 px rungs.
 Stages are kept when the command runs again: a run that reached its minutes, a sampled folder, a
 scored folder. ``--minutes 20,60`` trains each rung 20 minutes, scores it, then
 resumes the same run to 60 minutes in total (a copy, so the 20-minute run stays) and scores that.
 
     python bench/ladder.py --minutes 20 --rungs hw-simple,hw-medium,hw-strong,best --out runs/ladder
     python bench/ladder.py --minutes 20 --rungs best,hw-strong,stylegan=gan:stylegan,ddgan=gan:ddgan --out runs/ladder
+    python bench/ladder.py --minutes 20 --rungs latent64=latent:64:6 --out runs/ladder
 
 Training runs one at a time and nothing else should run beside it (the budget is wall-clock minutes).
 Last line: ``best_fid_20min=... best_fid_60min=...`` (the lowest FID among the rungs at each budget).
@@ -77,10 +83,44 @@ def log_steps(run: Path) -> dict:
     return {"last_log": last, "step": json.loads((run / "latest.json").read_text())["step"]}
 
 
+def elapsed_seconds(run: Path) -> float:
+    ckpt = json.loads((run / "latest.json").read_text())["checkpoint"]
+    return float(json.loads((run / ckpt / "state.json").read_text())["elapsed_seconds"])
+
+
+def train_latent(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float) -> dict:
+    """A ``latent:SIZE:AE_MINUTES`` rung from scratch: autoencoder, encoding, then the diffusion model for
+    the minutes left; returns the split of the budget."""
+    from latent import encode_once
+
+    try:
+        _, size, ae_minutes = recipe.split(":")
+        size_px, ae_min = int(size), float(ae_minutes)
+    except ValueError:
+        raise SystemExit(f"rung recipe {recipe!r}: a latent rung is latent:SIZE:AE_MINUTES, e.g. latent:64:6") from None
+    ae = run.parent / f"{run.name}-ae"
+    if not (ae / "report.json").exists():
+        if ae.exists():
+            shutil.rmtree(ae)
+        difflab_cli("train-autoencoder", "--data", str(data), "--image-size", str(size_px), "--minutes", str(ae_min),
+                    "--out", str(ae), "--no-progress")
+    encoded = encode_once(ae, data, size_px)
+    ae_s = elapsed_seconds(ae)
+    rest = minutes - (ae_s + encoded["seconds"]) / 60
+    if rest <= 0:
+        raise SystemExit(f"rung {run.name}: the autoencoder ({ae_s / 60:.1f} min) and encoding leave no time of {minutes:g}")
+    print(f"{run.name}: diffusion for {rest:.2f} minutes ({minutes:g} - autoencoder {ae_s / 60:.2f} - encoding "
+          f"{encoded['seconds'] / 60:.2f})", flush=True)
+    difflab_cli("train", "--latent-of", str(ae), "--data", str(data), "--minutes", f"{rest:.3f}", "--out", str(run),
+                "--no-progress", "data.augment.hflip=true", "train.max_steps=1000000", *overrides)
+    return {"autoencoder_minutes": ae_s / 60, "encoding_minutes": encoded["seconds"] / 60, "diffusion_minutes": rest}
+
+
 def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float, resume_from: Path | None) -> None:
     done = run / "ladder-trained.json"
     if done.exists():
         return
+    split_of_budget: dict = {}
     gan = recipe.startswith("gan:")
     command = ["gan", "train"] if gan else ["train"]
     if resume_from is not None:  # continue the shorter run, in a copy
@@ -89,13 +129,17 @@ def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: flo
         shutil.copytree(resume_from, run, ignore=shutil.ignore_patterns("faces", "ladder-*", "grid.png"))
         extra = minutes - json.loads((resume_from / "ladder-trained.json").read_text())["minutes"]
         difflab_cli(*command, "--out", str(run), "--resume", "--minutes", str(extra), "--no-progress")
+    elif recipe.startswith("latent:"):
+        if run.exists():
+            shutil.rmtree(run)
+        split_of_budget = train_latent(run, recipe, overrides, data, minutes)
     else:
         if run.exists():
             shutil.rmtree(run)  # an unfinished run: its minutes are spoilt, start again
         what = ["--kind", recipe[4:]] if gan else ["--recipe", recipe]
         difflab_cli(*command, *what, "--data", str(data), "--image-size", "32", "--minutes", str(minutes),
                     "--out", str(run), "--no-progress", "train.max_steps=1000000", *overrides)
-    done.write_text(json.dumps({"minutes": minutes, **log_steps(run)}) + "\n")
+    done.write_text(json.dumps({"minutes": minutes, **log_steps(run), **split_of_budget}) + "\n")
 
 
 def is_gan(run: Path) -> bool:

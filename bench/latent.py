@@ -46,6 +46,24 @@ def elapsed(run: Path) -> tuple[int, float]:
     return state["step"], state["elapsed_seconds"]
 
 
+def encode_once(ae: Path, train: Path, image_size: int) -> dict:
+    """Encode the training faces with the autoencoder run ``ae`` exactly as ``difflab train --latent-of``
+    will (both orientations, the default precision), so the trainer reads them from the cache; the
+    encoding's seconds, timed apart from the training it would otherwise hide in."""
+    from difflab.config import LatentConfig
+    from difflab.data import load_dataset
+    from difflab.latent import codec_from_run, encode_images, latent_settings
+    from difflab.precision import Precision, autocast_dtype
+
+    found = latent_settings(ae)
+    lat = LatentConfig(**{k.split(".", 1)[1]: v for k, v in found.items() if k.startswith("latent.")})
+    images = load_dataset(str(train), image_size, 3, progress=False).images
+    codec = codec_from_run(lat, autocast=autocast_dtype(Precision.AUTO, torch.device("cpu")))
+    t0 = time.monotonic()
+    z = encode_images(codec, images, hflip=True, progress=False)
+    return {"seconds": time.monotonic() - t0, "images": len(images), "shape": list(z.shape)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reuse", required=True, help="bench/img2img.py's output folder (split, held-out faces, pixel rows)")
@@ -97,18 +115,7 @@ def main() -> None:
     ae, ldm = out / "ae", out / "ldm"
     enc_file = out / "encode.json"
     if "encode" in stages and not enc_file.exists():
-        from difflab.config import LatentConfig
-        from difflab.data import load_dataset
-        from difflab.latent import codec_from_run, encode_images, latent_settings
-        from difflab.precision import Precision, autocast_dtype
-
-        found = latent_settings(ae)
-        lat = LatentConfig(**{k.split(".", 1)[1]: v for k, v in found.items() if k.startswith("latent.")})
-        images = load_dataset(str(train), 64, 3, progress=False).images
-        codec = codec_from_run(lat, autocast=autocast_dtype(Precision.AUTO, torch.device("cpu")))
-        t0 = time.monotonic()
-        z = encode_images(codec, images, hflip=True, progress=False)
-        enc_file.write_text(json.dumps({"seconds": time.monotonic() - t0, "images": len(images), "shape": list(z.shape)}))
+        enc_file.write_text(json.dumps(encode_once(ae, train, 64)))
     if enc_file.exists():
         timing["encode_s"] = json.loads(enc_file.read_text())["seconds"]
     if "ldm" in stages and not (ldm / "latest.json").exists():
