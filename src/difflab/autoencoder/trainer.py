@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from difflab.autoencoder.config import AutoencoderConfig
 from difflab.autoencoder.model import (
@@ -45,12 +44,11 @@ from difflab.data.dataset import ImageData, load_dataset, to_float
 from difflab.devices import resolve_device, to_device
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
-from difflab.precision import autocast_dtype, fast_matmul, to_memory_format
+from difflab.precision import autocast_dtype, to_memory_format
 from difflab.samplers.noise import image_generators, randn
 from difflab.train.checkpoint import (
     CONFIG,
     Checkpoint,
-    latest_checkpoint,
     load_newest_good,
     load_weights,
     open_run_dir,
@@ -60,7 +58,8 @@ from difflab.train.checkpoint import (
     start_run_dir,
 )
 from difflab.train.ema import EMA
-from difflab.train.loop import DistInfo, TrainingDiverged, next_examples, stop_requests
+from difflab.train.loop import DistInfo, TrainingDiverged, next_examples
+from difflab.train.steploop import StepLoop
 from difflab.visualize.images import save_grid
 
 # the per-example streams (difflab.samplers.noise.image_seed): 0 sampling, 1 a cascade's SR stage,
@@ -77,7 +76,7 @@ def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
     return Autoencoder(cfg.net, cfg.data.channels)
 
 
-class AutoencoderTrainer:
+class AutoencoderTrainer(StepLoop):
     def __init__(
         self,
         cfg: AutoencoderConfig,
@@ -184,84 +183,37 @@ class AutoencoderTrainer:
         return loss.detach() + d_loss.detach()
 
     # -- the loop -------------------------------------------------------------------------------
+    # -- the shared step loop (difflab.train.steploop) -----------------------------------------------------------
+    log_sums = 8
+
+    def loop_description(self) -> str:
+        return "training autoencoder"
+
+    def train_modules(self) -> list[torch.nn.Module]:
+        return [self.ae] + ([self.D] if self.D is not None else [])
+
+    def ema_source(self) -> torch.nn.Module:
+        return self.ae
+
+    def train_step(self, sums: torch.Tensor) -> torch.Tensor:
+        x, gens = self._batch()
+        return torch.isfinite(self._step(x, gens, sums))
+
+    def log_postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"l1": f"{record['l1']:.4f}", "kl": f"{record['kl']:.1f}"}
+
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train until max_steps, the minutes budget, ``stop_at`` (tests) or a signal; save; write the report."""
-        tc = self.cfg.train
-        end = min(tc.max_steps, stop_at or tc.max_steps)
-        start_time, start_step = time.monotonic(), self.step
-        sums = torch.zeros(8, device=self.device)
-        last_log_time, last_log_step = start_time, self.step
-        reason = "max_steps"
-        timed = bool(tc.minutes)
-        bar = tqdm(total=round(tc.minutes * 60) if timed else tc.max_steps, initial=0 if timed else self.step,
-                   desc="training autoencoder", unit="s" if timed else "step", disable=not self.progress,
-                   dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]" if timed else None)
-        train_seconds = 0.0
-        try:
-            with stop_requests() as stop, fast_matmul(self.device), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(tc.seed)  # (nothing draws from torch's global stream: every draw is per example)
-                self.ae.train()
-                if self.D is not None:
-                    self.D.train()
-                while self.step < end:
-                    x, gens = self._batch()
-                    loss = self._step(x, gens, sums)
-                    self.step += 1
-                    self.images_seen += tc.batch_size
-                    self.ema.update(self.ae, self.images_seen, tc.batch_size)
-                    sums[STEPS] += 1
-                    self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad > 0), self.first_bad,
-                                                 torch.full_like(self.first_bad, self.step))
-                    out_of_time = timed and time.monotonic() - start_time >= tc.minutes * 60
-                    stopping = "minutes" if out_of_time else stop["signal"] or ("max_steps" if self.step >= end else None)
-                    log_now = self.step % tc.log_every == 0 or stopping is not None
-                    sample_now = bool(tc.sample_every) and self.step % tc.sample_every == 0
-                    save_now = self.step % tc.checkpoint_every == 0
-                    if log_now or sample_now or save_now:  # before anything is logged, previewed or saved
-                        self._check_finite()
-                    bar.update(min(time.monotonic() - start_time, tc.minutes * 60) - bar.n if timed else 1)
-                    if log_now:
-                        now = time.monotonic()
-                        rate = (self.step - last_log_step) * tc.batch_size / max(now - last_log_time, 1e-9)
-                        record = self._log(sums, rate)
-                        bar.set_postfix(step=self.step, l1=f"{record['l1']:.4f}", kl=f"{record['kl']:.1f}",
-                                        img_s=f"{rate:.0f}")
-                        sums.zero_()
-                        last_log_time, last_log_step = now, self.step
-                    if sample_now:
-                        self.save_samples()
-                    if save_now and stopping is None:
-                        self.save()
-                    if stopping is not None:
-                        reason = stopping
-                        break
-                train_seconds = time.monotonic() - start_time
-                self.elapsed += train_seconds
-                self.save()
-                if tc.sample_every and self.step % tc.sample_every:
-                    self.save_samples()
-        finally:
-            bar.close()
-        report = self.write_report()
-        steps = self.step - start_step
-        return {"step": self.step, "stopped_by": reason, "steps_this_run": steps,
-                "seconds": time.monotonic() - start_time, "train_seconds": train_seconds,
-                "images_per_s": steps * tc.batch_size / max(train_seconds, 1e-9), "run_dir": str(self.run_dir),
-                "report": report}
+        result = self.run_loop(stop_at)
+        return {**result, "report": self.write_report()}
 
-    def _last_good(self) -> str:
-        ckpt = latest_checkpoint(self.run_dir)
-        return (f"the last checkpoint (step {ckpt.state['step']}) in {self.run_dir} is intact" if ckpt is not None
-                else f"no checkpoint was saved yet in {self.run_dir}")
-
-    def _check_finite(self) -> None:
+    def check_finite(self) -> None:
         bad = int(self.first_bad)
         if bad:
             raise TrainingDiverged(f"autoencoder training diverged at step {bad}: the loss is NaN or infinite; nothing "
-                                   f"after it was saved, {self._last_good()} (lower train.lr, or loss.disc_weight)")
+                                   f"after it was saved, {self.last_good()} (lower train.lr, or loss.disc_weight)")
 
-    def _log(self, sums: torch.Tensor, images_per_s: float) -> dict[str, Any]:
+    def write_log(self, sums: torch.Tensor, images_per_s: float) -> dict[str, Any]:
         s = sums.cpu().tolist()
         n, nd = max(s[STEPS], 1.0), s[D_STEPS]
         record = {
@@ -328,7 +280,7 @@ class AutoencoderTrainer:
         for name, module in modules:
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 raise TrainingDiverged(f"autoencoder training diverged by step {self.step}: the {name}'s weights are "
-                                       f"not finite; nothing was saved, {self._last_good()}")
+                                       f"not finite; nothing was saved, {self.last_good()}")
         train_state: dict[str, torch.Tensor] = {}
         metas: dict[str, Any] = {}
         for name, opt in (("optim_ae", self.opt_ae), ("optim_d", self.opt_d)):

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from difflab.data.augment import augment
 from difflab.data.dataset import ImageData, load_dataset, to_float
@@ -43,13 +42,11 @@ from difflab.gan import ddgan, diffaug, losses
 from difflab.gan.config import GANConfig, GANKind
 from difflab.gan.sample import build_networks, generate
 from difflab.gan.stylegan import StyleGenerator
-from difflab.precision import fast_matmul
 from difflab.samplers.noise import image_generators, randn
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import (
     CONFIG,
     Checkpoint,
-    latest_checkpoint,
     load_newest_good,
     load_weights,
     open_run_dir,
@@ -59,7 +56,8 @@ from difflab.train.checkpoint import (
     start_run_dir,
 )
 from difflab.train.ema import EMA
-from difflab.train.loop import DistInfo, TrainingDiverged, next_examples, stop_requests
+from difflab.train.loop import DistInfo, TrainingDiverged, next_examples
+from difflab.train.steploop import StepLoop
 from difflab.visualize.images import save_grid
 
 # the per-example streams (difflab.samplers.noise.image_seed): 0 sampling, 1 a cascade's SR stage,
@@ -73,7 +71,7 @@ class TrainingCollapsed(TrainingDiverged):
     """The discriminator won outright for many log intervals: training stopped without saving."""
 
 
-class GANTrainer:
+class GANTrainer(StepLoop):
     def __init__(
         self,
         cfg: GANConfig,
@@ -188,78 +186,39 @@ class GANTrainer:
         return loss.detach()
 
     # -- the loop -------------------------------------------------------------------------------
+    # -- the shared step loop (difflab.train.steploop) -----------------------------------------------------------
+    log_sums = 7
+
+    def loop_description(self) -> str:
+        return f"training {self.cfg.kind.value}"
+
+    def train_modules(self) -> list[torch.nn.Module]:
+        return [self.G, self.D]
+
+    def ema_source(self) -> torch.nn.Module:
+        return self.G
+
+    def train_step(self, sums: torch.Tensor) -> torch.Tensor:
+        x0, gens = self._batch()
+        d_loss = self._d_step(x0, gens, sums)
+        g_loss = self._g_step(x0, gens, sums)
+        return torch.isfinite(d_loss) & torch.isfinite(g_loss)
+
+    def log_postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"d": f"{record['loss_d']:.3f}", "g": f"{record['loss_g']:.3f}"}
+
+    def after_log(self, record: dict[str, Any]) -> None:
+        self._check_collapse(record)
+
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train until max_steps, the minutes budget, ``stop_at`` (tests) or a signal; then save."""
-        tc = self.cfg.train
-        end = min(tc.max_steps, stop_at or tc.max_steps)
-        start_time, start_step = time.monotonic(), self.step
-        sums = torch.zeros(7, device=self.device)
-        last_log_time, last_log_step = start_time, self.step
-        reason = "max_steps"
-        timed = bool(tc.minutes)
-        bar = tqdm(total=round(tc.minutes * 60) if timed else tc.max_steps, initial=0 if timed else self.step,
-                   desc=f"training {self.cfg.kind.value}", unit="s" if timed else "step", disable=not self.progress,
-                   dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]" if timed else None)
-        try:
-            with stop_requests() as stop, fast_matmul(self.device), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(tc.seed)  # (nothing draws from torch's global stream: every draw is per example)
-                self.G.train()
-                self.D.train()
-                while self.step < end:
-                    x0, gens = self._batch()
-                    d_loss = self._d_step(x0, gens, sums)
-                    g_loss = self._g_step(x0, gens, sums)
-                    self.step += 1
-                    self.images_seen += tc.batch_size
-                    self.ema.update(self.G, self.images_seen, tc.batch_size)
-                    sums[STEPS] += 1
-                    finite = torch.isfinite(d_loss) & torch.isfinite(g_loss)
-                    self.first_bad = torch.where(finite | (self.first_bad > 0), self.first_bad,
-                                                 torch.full_like(self.first_bad, self.step))
-                    out_of_time = timed and time.monotonic() - start_time >= tc.minutes * 60
-                    stopping = "minutes" if out_of_time else stop["signal"] or ("max_steps" if self.step >= end else None)
-                    log_now = self.step % tc.log_every == 0 or stopping is not None
-                    sample_now = bool(tc.sample_every) and self.step % tc.sample_every == 0
-                    save_now = self.step % tc.checkpoint_every == 0
-                    if log_now or sample_now or save_now:  # before anything is logged, previewed or saved
-                        self._check_finite()
-                    bar.update(min(time.monotonic() - start_time, tc.minutes * 60) - bar.n if timed else 1)
-                    if log_now:
-                        now = time.monotonic()
-                        rate = (self.step - last_log_step) * tc.batch_size / max(now - last_log_time, 1e-9)
-                        record = self._log(sums, rate)
-                        bar.set_postfix(step=self.step, d=f"{record['loss_d']:.3f}", g=f"{record['loss_g']:.3f}",
-                                        img_s=f"{rate:.0f}")
-                        sums.zero_()
-                        last_log_time, last_log_step = now, self.step
-                        self._check_collapse(record)
-                    if sample_now:
-                        self.save_samples()
-                    if save_now and stopping is None:
-                        self.save()
-                    if stopping is not None:
-                        reason = stopping
-                        break
-                self.elapsed += time.monotonic() - start_time
-                self.save()
-                if tc.sample_every and self.step % tc.sample_every:
-                    self.save_samples()
-        finally:
-            bar.close()
-        return {"step": self.step, "stopped_by": reason, "steps_this_run": self.step - start_step,
-                "seconds": time.monotonic() - start_time, "run_dir": str(self.run_dir)}
+        return self.run_loop(stop_at)
 
-    def _last_good(self) -> str:
-        ckpt = latest_checkpoint(self.run_dir)
-        return (f"the last checkpoint (step {ckpt.state['step']}) in {self.run_dir} is intact" if ckpt is not None
-                else f"no checkpoint was saved yet in {self.run_dir}")
-
-    def _check_finite(self) -> None:
+    def check_finite(self) -> None:
         bad = int(self.first_bad)
         if bad:
             raise TrainingDiverged(f"GAN training diverged at step {bad}: the discriminator or generator loss is NaN or "
-                                   f"infinite; nothing after it was saved, {self._last_good()} (lower train.lr_g / "
+                                   f"infinite; nothing after it was saved, {self.last_good()} (lower train.lr_g / "
                                    "train.lr_d, or raise train.r1_gamma)")
 
     def _check_collapse(self, record: dict[str, Any]) -> None:
@@ -272,10 +231,10 @@ class GANTrainer:
                 f"the discriminator collapsed at step {self.step}: the generator's loss stayed above "
                 f"train.collapse_g_loss={tc.collapse_g_loss:g} for {self.collapse_count} log intervals (now "
                 f"{record['loss_g']:.2f}; D(real) {record['d_real']:+.2f}, D(fake) {record['d_fake']:+.2f}), so G gets "
-                f"no useful gradient; stopped without saving, {self._last_good()} (try a higher train.r1_gamma, "
+                f"no useful gradient; stopped without saving, {self.last_good()} (try a higher train.r1_gamma, "
                 "train.diffaug=color,translation,cutout or lower learning rates; train.collapse_g_loss=0 turns this check off)")
 
-    def _log(self, sums: torch.Tensor, images_per_s: float) -> dict[str, Any]:
+    def write_log(self, sums: torch.Tensor, images_per_s: float) -> dict[str, Any]:
         s = sums.cpu().tolist()
         n = max(s[STEPS], 1.0)
         record = {
@@ -305,7 +264,7 @@ class GANTrainer:
         for name, module in (("generator", self.G), ("discriminator", self.D), ("EMA generator", self.ema.model)):
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 raise TrainingDiverged(f"GAN training diverged by step {self.step}: the {name}'s weights are not finite; "
-                                       f"nothing was saved, {self._last_good()}")
+                                       f"nothing was saved, {self.last_good()}")
         train_state = {}
         metas = {}
         for name, opt in (("optim_g", self.opt_g), ("optim_d", self.opt_d)):
