@@ -43,7 +43,8 @@ from difflab.metrics.features import (
     FolderScan, ReferenceStats, folder_digest, folder_features, save_stats, stats_cache_path,
 )
 from difflab.metrics.fid import gaussian_stats
-from difflab.metrics.inception import FIDInceptionV3, InceptionFeatures, preprocess_image, torch_threads
+from difflab.metrics.inception import FIDInceptionV3, InceptionFeatures, preprocess_image
+from difflab.precision import torch_threads
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FACES = SHARED / "anime-faces"

@@ -83,3 +83,19 @@ M = TypeVar("M", bound=torch.nn.Module)
 def to_memory_format(module: M, memory_format: torch.memory_format = torch.channels_last) -> M:
     """``module.to(memory_format=...)``: torch supports it, its type stubs do not list it."""
     return module.to(memory_format=memory_format)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` and restore the old value after (None: as it is)."""
+    if n is None:
+        yield
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"threads must be a positive integer, got {n!r}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -88,7 +88,8 @@ def run_fid_stats(args: argparse.Namespace) -> int:
     from difflab.devices import resolve_device
     from difflab.metrics.evaluate import check_positive_int
     from difflab.metrics.features import FolderScan, reference_stats, save_stats
-    from difflab.metrics.inception import InceptionFeatures, torch_threads
+    from difflab.metrics.inception import InceptionFeatures
+    from difflab.precision import torch_threads
 
     check_positive_int(args.batch_size, "batch size")
     if args.threads is not None:

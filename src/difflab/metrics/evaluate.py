@@ -37,9 +37,10 @@ from difflab.metrics.detect import (
 )
 from difflab.metrics.features import FolderScan, ReferenceStats, load_stats, reference_stats
 from difflab.metrics.fid import fid_from_features, gaussian_stats
-from difflab.metrics.inception import InceptionFeatures, torch_threads
+from difflab.metrics.inception import InceptionFeatures
 from difflab.metrics.kid import kid
 from difflab.metrics.precision_recall import precision_recall
+from difflab.precision import torch_threads
 from difflab.sample_sets import sample_set_status
 
 __all__ = [

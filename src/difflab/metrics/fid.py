@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from difflab.errors import DataError
-from difflab.metrics.inception import torch_threads
+from difflab.precision import torch_threads
 
 __all__ = [
     "GaussianStats", "fid_from_features", "frechet_distance", "gaussian_stats", "trace_sqrt_product",

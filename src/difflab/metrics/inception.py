@@ -29,10 +29,9 @@ tested against the archive's own forward.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 
 from difflab.errors import ConfigError
 from difflab.metrics.weights import WEIGHTS, WeightsError, _check_file, resolve_weights
-from difflab.precision import tf32, to_memory_format
+from difflab.precision import tf32, to_memory_format, torch_threads
 
 __all__ = [
     "FEATURE_DIM",
@@ -62,22 +61,6 @@ INPUT_SIZE = 299
 
 # --------------------------------------------------------------------------------------------
 # the network
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)`` and restore the old value after."""
-    if n is None:
-        yield
-        return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"threads must be a positive integer, got {n!r}")
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 _BN_EPS = 1e-3  # the archive's batch_norm eps (inceptionv3.py, Conv2dLayer.forward)
