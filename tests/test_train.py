@@ -118,6 +118,14 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
         Trainer(tiny_cfg("train.batch_size=9", "train.grad_accum=2"), tmp_path / "other", data=synthetic(), progress=False)
 
 
+def test_a_run_folder_may_be_a_link_to_a_folder_still_to_be_made(tmp_path):
+    """runs/x -> /other/disk/x before /other/disk/x exists: the run is made there (was a FileExistsError)."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "x").symlink_to(tmp_path / "disk" / "x")
+    Trainer(tiny_cfg("train.max_steps=1"), tmp_path / "runs" / "x", data=synthetic(), progress=False).run()
+    assert (tmp_path / "disk" / "x" / "config.json").is_file() and load_run(tmp_path / "runs" / "x").step == 1
+
+
 def test_schedules_of_lr_and_ema():
     cfg = tiny_cfg("train.lr=1e-3", "train.warmup_steps=10", "train.lr_decay=cosine", "train.max_steps=110",
                    "train.min_lr_ratio=0.1").train

@@ -318,8 +318,9 @@ def open_run_dir(run_dir: Path, resume: bool | Literal["auto"]) -> tuple[bool, b
 
 
 def start_run_dir(run_dir: Path, config_json: str, restart: bool) -> None:
-    """Create ``run_dir`` with its config; a restart drops the dead attempt's log (not this run's)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create ``run_dir`` with its config; a restart drops the dead attempt's log (not this run's). A link to a
+    folder still to be made (a run kept on another disk: ``runs/x -> /disk/x``) gets its folder made."""
+    run_dir.resolve().mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG, config_json.encode())
     if restart:
         (run_dir / "log.jsonl").unlink(missing_ok=True)
