@@ -182,6 +182,32 @@ def test_captions_from_templates_name_attributes():
     assert caption(one, [1], "a photo of a {list}") == "a photo of a Bag" == caption(one, [1], "a photo of a {class}")
 
 
+def test_the_shipped_anime_caption_grammar_loads_and_keeps_the_benchmark_prompts_held_out():
+    """configs/anime-tags-captions.toml (the grammar of BENCHMARKS.md's tags-grammar run) resolves into a
+    run config, renders every template for the anime-tagged attributes, and none of its captions is one of
+    the sentences bench/text_tags.py scores with (both held-out sets), for any pair of values."""
+    import ast
+    from pathlib import Path
+
+    from difflab.captions import caption
+    from difflab.config import load_toml, resolve_config
+    from difflab.data.labels import LabelSchema
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = resolve_config(preset="small", toml=load_toml(str(root / "configs" / "anime-tags-captions.toml")),
+                         flags={"data.source": "faces", "data.image_size": 32})
+    assert len(cfg.cond.templates) == 20 and cfg.cond.caption_variants == 3 and cfg.cond.text_noise == 0.2
+    tree = ast.parse((root / "bench" / "text_tags.py").read_text())
+    scored = [s for node in tree.body if isinstance(node, ast.Assign) and node.targets[0].id in ("HELD_OUT", "FRESH")
+              for s in ast.literal_eval(node.value)]
+    assert len(scored) == 8
+    schema = LabelSchema(("hair", "eyes"), (("aqua", "blonde", "pink"), ("red", "green")))
+    for row in ([0, 1], [1, 0], [2, 1]):
+        captions = {caption(schema, row, t) for t in cfg.cond.templates}
+        asked = {s.format(hair=schema.classes[0][row[0]], eyes=schema.classes[1][row[1]]) for s in scored}
+        assert len(captions) == 20 and not captions & asked
+
+
 def test_template_variants_only_insert_filler_words():
     """Each variant is its template with one to three vocabulary words inserted (fields kept whole),
     reproducible from the seed; ``accept`` filters; no vocabulary is a one-line error."""
