@@ -299,7 +299,7 @@ def test_compare_detection_rate_finds_faces(tmp_path, anime_faces_dir, lbp_casca
             return x0.expand(len(x), -1, -1, -1)
 
     class FaceRun:  # what run_comparison reads from a LoadedRun
-        path, step, image_shape = tmp_path, 0, (3, 64, 64)
+        path, step, image_shape, pixel_shape, codec = tmp_path, 0, (3, 64, 64), (3, 64, 64), None
         schedule = NoiseSchedule.from_name("linear", T)
         config = RunConfig()  # unconditional
 
