@@ -12,9 +12,10 @@ An empty or blank prompt is an error: the unconditional embedding (classifier-fr
 the caller. Results are float32 on the CPU. Each prompt goes through the transformer alone (a batch of one), so its
 embedding does not depend on the prompts it is encoded with: batched with others it is padded to their length, which
 moves the last bits (~1e-6), and a cache filled by another command (the web page, a training run) then gave
-``difflab sample --prompt`` images a few 1/255 apart. Alone costs ~2.3x the batched time (~28 ms per prompt here,
-torch's default threads, machine idle). It runs on one thread: beside other busy processes the default thread
-count made it 4x slower per prompt (14 vs 58 ms) and a training run's caption bank 70x slower.
+``difflab sample --prompt`` images a few 1/255 apart. Alone costs ~2.3x the batched time. It runs on one thread:
+on the idle 2-core machine 7.0 against 6.5 ms per prompt with both threads (2026-12-05, median of 3 interleaved
+rounds), but beside other busy processes two threads made it 4x slower (58 vs 14 ms) and a training run's
+caption bank 70x slower.
 
 :class:`EmbeddingCache` lives in ``cache_dir("text", "<name>-<fingerprint hash>", "tokens<max_tokens>-each")``, i.e.
 ``$DIFFLAB_CACHE/text/`` (else ``$XDG_CACHE_HOME/difflab/text/`` or ``~/.cache/difflab/text/``), or under ``root``:
