@@ -83,15 +83,10 @@ def log_steps(run: Path) -> dict:
     return {"last_log": last, "step": json.loads((run / "latest.json").read_text())["step"]}
 
 
-def elapsed_seconds(run: Path) -> float:
-    ckpt = json.loads((run / "latest.json").read_text())["checkpoint"]
-    return float(json.loads((run / ckpt / "state.json").read_text())["elapsed_seconds"])
-
-
 def train_latent(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float) -> dict:
     """A ``latent:SIZE:AE_MINUTES`` rung from scratch: autoencoder, encoding, then the diffusion model for
     the minutes left; returns the split of the budget."""
-    from latent import encode_once
+    from latent import elapsed, encode_once
 
     try:
         _, size, ae_minutes = recipe.split(":")
@@ -105,7 +100,7 @@ def train_latent(run: Path, recipe: str, overrides: list[str], data: Path, minut
         difflab_cli("train-autoencoder", "--data", str(data), "--image-size", str(size_px), "--minutes", str(ae_min),
                     "--out", str(ae), "--no-progress")
     encoded = encode_once(ae, data, size_px)
-    ae_s = elapsed_seconds(ae)
+    _, ae_s = elapsed(ae)
     rest = minutes - (ae_s + encoded["seconds"]) / 60
     if rest <= 0:
         raise SystemExit(f"rung {run.name}: the autoencoder ({ae_s / 60:.1f} min) and encoding leave no time of {minutes:g}")
@@ -123,19 +118,15 @@ def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: flo
     split_of_budget: dict = {}
     gan = recipe.startswith("gan:")
     command = ["gan", "train"] if gan else ["train"]
+    if run.exists():
+        shutil.rmtree(run)  # an unfinished run (its minutes are spoilt) or a stale copy: start again
     if resume_from is not None:  # continue the shorter run, in a copy
-        if run.exists():
-            shutil.rmtree(run)
         shutil.copytree(resume_from, run, ignore=shutil.ignore_patterns("faces", "ladder-*", "grid.png"))
         extra = minutes - json.loads((resume_from / "ladder-trained.json").read_text())["minutes"]
         difflab_cli(*command, "--out", str(run), "--resume", "--minutes", str(extra), "--no-progress")
     elif recipe.startswith("latent:"):
-        if run.exists():
-            shutil.rmtree(run)
         split_of_budget = train_latent(run, recipe, overrides, data, minutes)
     else:
-        if run.exists():
-            shutil.rmtree(run)  # an unfinished run: its minutes are spoilt, start again
         what = ["--kind", recipe[4:]] if gan else ["--recipe", recipe]
         difflab_cli(*command, *what, "--data", str(data), "--image-size", "32", "--minutes", str(minutes),
                     "--out", str(run), "--no-progress", "train.max_steps=1000000", *overrides)

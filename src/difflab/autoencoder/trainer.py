@@ -182,7 +182,6 @@ class AutoencoderTrainer(StepLoop):
         sums[D_STEPS] += 1
         return loss.detach() + d_loss.detach()
 
-    # -- the loop -------------------------------------------------------------------------------
     # -- the shared step loop (difflab.train.steploop) -----------------------------------------------------------
     log_sums = 8
 

@@ -185,7 +185,6 @@ class GANTrainer(StepLoop):
         sums[G_LOSS] += loss.detach()
         return loss.detach()
 
-    # -- the loop -------------------------------------------------------------------------------
     # -- the shared step loop (difflab.train.steploop) -----------------------------------------------------------
     log_sums = 7
 

@@ -12,6 +12,7 @@ under DDP, where every rank must agree when to stop.)
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -22,8 +23,9 @@ from difflab.train.checkpoint import latest_checkpoint
 from difflab.train.loop import stop_requests
 
 
-class StepLoop:
-    """Mixin: :meth:`run_loop` and the message about the last good checkpoint."""
+class StepLoop(ABC):
+    """Base of a trainer: :meth:`run_loop` and the message about the last good checkpoint; the trainer
+    implements the abstract hooks (instantiating one that misses a hook fails at once)."""
 
     #: how many running sums the log keeps (the trainer's own indices into them)
     log_sums: int
@@ -38,39 +40,44 @@ class StepLoop:
     run_dir: Any
 
     # -- hooks ------------------------------------------------------------------------------------------------
+    @abstractmethod
     def loop_description(self) -> str:
-        raise NotImplementedError
+        """The progress bar's label."""
 
+    @abstractmethod
     def train_modules(self) -> list[torch.nn.Module]:
         """The modules put in training mode for the loop."""
-        raise NotImplementedError
 
+    @abstractmethod
     def ema_source(self) -> torch.nn.Module:
         """The module the EMA follows."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_step(self, sums: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the next batch, adding to ``sums``; a bool tensor: all its losses finite."""
-        raise NotImplementedError
 
+    @abstractmethod
     def log_postfix(self, record: dict[str, Any]) -> dict[str, str]:
         """What the progress bar shows of a log record."""
-        raise NotImplementedError
 
-    def after_log(self, record: dict[str, Any]) -> None:
+    def after_log(self, record: dict[str, Any]) -> None:  # noqa: B027 (an optional hook: nothing by default)
         """Called with each log record (e.g. a collapse check that may raise)."""
 
+    @abstractmethod
     def check_finite(self) -> None:
-        raise NotImplementedError
+        """Raise TrainingDiverged naming ``first_bad``, the first step whose loss was not finite, if any."""
 
+    @abstractmethod
     def write_log(self, sums: torch.Tensor, images_per_s: float) -> dict[str, Any]:
-        raise NotImplementedError
+        """Append one record made from the running sums to the run's log; return it."""
 
+    @abstractmethod
     def save_samples(self) -> None:
-        raise NotImplementedError
+        """Write the preview grid."""
 
+    @abstractmethod
     def save(self) -> None:
-        raise NotImplementedError
+        """Write a checkpoint atomically."""
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def last_good(self) -> str:
