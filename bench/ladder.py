@@ -26,6 +26,10 @@ resumes the same run to 60 minutes in total (a copy, so the 20-minute run stays)
     python bench/ladder.py --minutes 20 --rungs latent64=latent:64:6 --out runs/ladder
 
 Training runs one at a time and nothing else should run beside it (the budget is wall-clock minutes).
+``--steps-per-minute LABEL=R,...`` turns a rung's minutes into ``round(R * minutes)`` optimizer steps (for
+a latent rung: R times the minutes its autoencoder and encoding left), R measured by that rung's own
+timed 20-minute run alone on the machine; such rungs may then train beside other work, on fewer threads,
+and reach the same step as a timed run would (their faces do not depend on the load).
 Last line: ``best_fid_20min=... best_fid_60min=...`` (the lowest FID among the rungs at each budget).
 """
 from __future__ import annotations
@@ -83,7 +87,17 @@ def log_steps(run: Path) -> dict:
     return {"last_log": last, "step": json.loads((run / "latest.json").read_text())["step"]}
 
 
-def train_latent(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float) -> dict:
+def budget_flags(minutes: float, rate: float | None) -> tuple[list[str], list[str]]:
+    """The training arguments for ``minutes`` of training: wall minutes, or ``rate`` steps per minute as a
+    step budget (``--minutes 0``: no time limit, in case a resumed run's config carries one; an override,
+    last, because overrides outrank flags and the rung's own ``train.max_steps``)."""
+    if rate is None:
+        return ["--minutes", f"{minutes:.3f}"], []
+    return ["--minutes", "0"], [f"train.max_steps={round(rate * minutes)}"]
+
+
+def train_latent(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float,
+                 rate: float | None) -> dict:
     """A ``latent:SIZE:AE_MINUTES`` rung from scratch: autoencoder, encoding, then the diffusion model for
     the minutes left; returns the split of the budget."""
     from latent import elapsed, encode_once
@@ -106,12 +120,14 @@ def train_latent(run: Path, recipe: str, overrides: list[str], data: Path, minut
         raise SystemExit(f"rung {run.name}: the autoencoder ({ae_s / 60:.1f} min) and encoding leave no time of {minutes:g}")
     print(f"{run.name}: diffusion for {rest:.2f} minutes ({minutes:g} - autoencoder {ae_s / 60:.2f} - encoding "
           f"{encoded['seconds'] / 60:.2f})", flush=True)
-    difflab_cli("train", "--latent-of", str(ae), "--data", str(data), "--minutes", f"{rest:.3f}", "--out", str(run),
-                "--no-progress", "data.augment.hflip=true", "train.max_steps=1000000", *overrides)
+    flags, steps = budget_flags(rest, rate)
+    difflab_cli("train", "--latent-of", str(ae), "--data", str(data), "--out", str(run), "--no-progress", *flags,
+                "data.augment.hflip=true", "train.max_steps=1000000", *overrides, *steps)
     return {"autoencoder_minutes": ae_s / 60, "encoding_minutes": encoded["seconds"] / 60, "diffusion_minutes": rest}
 
 
-def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float, resume_from: Path | None) -> None:
+def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float, resume_from: Path | None,
+          rate: float | None = None) -> None:
     done = run / "ladder-trained.json"
     if done.exists():
         return
@@ -122,15 +138,26 @@ def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: flo
         shutil.rmtree(run)  # an unfinished run (its minutes are spoilt) or a stale copy: start again
     if resume_from is not None:  # continue the shorter run, in a copy
         shutil.copytree(resume_from, run, ignore=shutil.ignore_patterns("faces", "ladder-*", "grid.png"))
-        extra = minutes - json.loads((resume_from / "ladder-trained.json").read_text())["minutes"]
-        difflab_cli(*command, "--out", str(run), "--resume", "--minutes", str(extra), "--no-progress")
+        shorter = json.loads((resume_from / "ladder-trained.json").read_text())
+        split_of_budget = {k: shorter[k] for k in ("autoencoder_minutes", "encoding_minutes") if k in shorter}
+        if split_of_budget:  # a latent rung: the autoencoder is kept, the diffusion model gets the extra minutes
+            split_of_budget["diffusion_minutes"] = minutes - sum(split_of_budget.values())
+        extra = minutes - shorter["minutes"]
+        if rate is None:
+            budget = ["--minutes", str(extra)]
+        else:  # the step the whole budget reaches at the rung's rate
+            flags, steps = budget_flags(split_of_budget.get("diffusion_minutes", minutes), rate)
+            budget = flags + steps
+        difflab_cli(*command, "--out", str(run), "--resume", "--no-progress", *budget)
     elif recipe.startswith("latent:"):
-        split_of_budget = train_latent(run, recipe, overrides, data, minutes)
+        split_of_budget = train_latent(run, recipe, overrides, data, minutes, rate)
     else:
         what = ["--kind", recipe[4:]] if gan else ["--recipe", recipe]
-        difflab_cli(*command, *what, "--data", str(data), "--image-size", "32", "--minutes", str(minutes),
-                    "--out", str(run), "--no-progress", "train.max_steps=1000000", *overrides)
-    done.write_text(json.dumps({"minutes": minutes, **log_steps(run), **split_of_budget}) + "\n")
+        flags, steps = budget_flags(minutes, rate)
+        difflab_cli(*command, *what, "--data", str(data), "--image-size", "32", "--out", str(run), "--no-progress",
+                    *flags, "train.max_steps=1000000", *overrides, *steps)
+    budget_kind = {"budget": "wall minutes"} if rate is None else {"budget": "steps", "steps_per_minute": rate}
+    done.write_text(json.dumps({"minutes": minutes, **log_steps(run), **split_of_budget, **budget_kind}) + "\n")
 
 
 def is_gan(run: Path) -> bool:
@@ -181,7 +208,14 @@ def main() -> None:
     p.add_argument("--stage", choices=["all", "train"], default="all",
                    help="train: only the timed training (then run again with all to sample and score, which may "
                         "share the machine)")
+    p.add_argument("--steps-per-minute", default="", metavar="LABEL=R,...",
+                   help="step budgets for these rungs: R optimizer steps per minute, measured by the rung's own timed "
+                        "run alone on the machine (see the docstring)")
     args = p.parse_args()
+    try:
+        rates = {k: float(v) for k, v in (item.split("=") for item in args.steps_per_minute.split(",") if item)}
+    except ValueError:
+        p.error(f"--steps-per-minute {args.steps_per_minute!r}: expected LABEL=R,... with R a number")
     out = Path(args.out)
     budgets = [float(m) for m in args.minutes.split(",")]
     train_dir, held, real = split(out, Path(args.data))
@@ -193,7 +227,8 @@ def main() -> None:
             label, recipe, overrides = parse_rung(text)
             run = out / f"{label}-{budget:g}"
             shorter = [b for b in budgets if b < budget]
-            train(run, recipe, overrides, train_dir, budget, out / f"{label}-{shorter[-1]:g}" if shorter else None)
+            train(run, recipe, overrides, train_dir, budget, out / f"{label}-{shorter[-1]:g}" if shorter else None,
+                  rates.get(label))
             if args.stage == "train":
                 continue
             res = score(run, sample(run, args.n), real, label)

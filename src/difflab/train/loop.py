@@ -18,6 +18,7 @@ bit-identical to an uninterrupted one on the same machine.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -138,6 +139,14 @@ def split_segment_data(pairs: PairedData, cfg: RunConfig) -> tuple[ImageData, Se
                                 val_masks=pairs.masks[val].contiguous(), augment=aug, num_classes=seg.num_classes)
 
 
+def _destroy_process_group() -> None:
+    """Tear the default process group down while the interpreter is still whole. Left to interpreter
+    finalization, gloo's worker threads can drop tensors after Python is gone and abort the rank
+    (SIGABRT, no message: a 2-rank CPU run that had finished its work)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -215,6 +224,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.dist.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            atexit.register(_destroy_process_group)  # the group this trainer made goes before the interpreter does
 
         loaded = data if data is not None else self._load_data()
         # a segmentation run (difflab.edit.segment): the training split's images, their masks, the held-out pairs
