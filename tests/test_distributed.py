@@ -28,6 +28,12 @@ trainer.run()
 rank = os.environ["RANK"]
 save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 save_file({k: v.contiguous() for k, v in trainer.ema.model.state_dict().items()}, str(out / f"ema{rank}.safetensors"))
+# the exit handlers leave no process group to interpreter finalization (where gloo can abort the rank)
+import atexit
+import torch.distributed as dist
+assert dist.is_initialized()
+atexit._run_exitfuncs()
+assert not dist.is_initialized(), "the trainer's process group outlived the exit handlers"
 """
 
 
