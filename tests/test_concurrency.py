@@ -1,5 +1,6 @@
 """Several `difflab sample` shards into one folder, and reading a folder while it is written
 (difflab.sample_sets): whole files only, the union of the shards, one-line refusals of mixed folders."""
+import io
 import json
 import os
 import subprocess
@@ -133,6 +134,31 @@ def test_a_shard_checks_the_folder_under_its_lock(tmp_path, capsys, trained_run)
     code, _, err = _wait([proc])[0]
     assert code == 2 and "another sampling (s.sampling.json: seed 0 there, 1 here)" in err, err
     assert not list(out.iterdir())
+
+
+def test_jpeg_folders_record_their_quality_and_refuse_another(tmp_path, capsys, trained_run):
+    """The hand-in JPEGs: quality 100 with 4:2:0 chroma unless asked otherwise (FID moves with the
+    encoding, see difflab.visualize.images.JPEG_QUALITY); a shard at another quality is refused."""
+    from PIL import JpegImagePlugin
+
+    out = tmp_path / "j"
+    code, _, err = _sample_here(capsys, trained_run, out, "-n", 2, "--format", "jpg")
+    assert code == 0, err
+    record = json.loads((tmp_path / "j.sampling.json").read_text())
+    assert record["format"] == "jpg" and record["jpeg_quality"] == 100
+    with Image.open(out / "1.jpg") as im:
+        assert JpegImagePlugin.get_sampling(im) == 2  # 4:2:0
+        ours = im.quantization
+        pixels = im.convert("RGB")
+    for quality in (100, 95):  # the tables Pillow writes at each quality: ours are 100's, not 95's
+        buf = io.BytesIO()
+        pixels.save(buf, format="JPEG", quality=quality, subsampling="4:2:0")
+        with Image.open(buf) as ref:
+            assert (ref.quantization == ours) == (quality == 100)
+    code, _, err = _sample_here(capsys, trained_run, out, "--start", 2, "-n", 2, "--format", "jpg", "--jpeg-quality", 95)
+    assert code == 2 and "jpeg_quality 100 there, 95 here" in err, err
+    code, _, err = _sample_here(capsys, trained_run, out, "-n", 2, "--format", "jpg", "--jpeg-quality", 101)
+    assert code == 2 and "--jpeg-quality" in err and "above 100" in err, err
 
 
 def test_mixed_folders_are_refused_before_any_work(tmp_path, capsys, trained_run):

@@ -49,7 +49,7 @@ __all__ = ["IDENTITY", "Shard", "SampleSetStatus", "abandon", "claim", "finish",
 
 #: Record keys that decide what image k looks like: shards into one folder must agree on all of them.
 IDENTITY = ("run", "step", "weights", "seed", "clip", "precision", "sampler", "grid_kind", "nfe_per_image",
-            "guidance", "guidance_interval", "upscale", "format")
+            "guidance", "guidance_interval", "upscale", "format", "jpeg_quality")
 
 # what follows the folder's name in a record's file name
 _RECORD_NAME = re.compile(r"\.sampling(?:-from-\d+|-\d+-to-\d+)?\.json")

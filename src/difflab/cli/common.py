@@ -111,6 +111,23 @@ def add_run_options(p: argparse.ArgumentParser, *, compile: bool = False) -> Non
     add_device_option(p)
 
 
+def add_format_options(p: argparse.ArgumentParser) -> None:
+    """``--format`` and ``--jpeg-quality`` of a numbered image folder (``difflab sample``, ``difflab gan sample``)."""
+    from difflab.visualize.images import JPEG_QUALITY, ImageFormat
+
+    p.add_argument("--format", default=ImageFormat.JPG.value, choices=choices(ImageFormat), help="image format (default jpg)")
+    p.add_argument("--jpeg-quality", type=jpeg_quality, default=JPEG_QUALITY, metavar="Q",
+                   help=f"JPEG quality 1-100, 4:2:0 chroma (default {JPEG_QUALITY}: FID moves by ~10 between 95 and 100 "
+                        "on 64 px faces; compare folders written alike)")
+
+
+def jpeg_quality(text: str) -> int:
+    value = _int_at_least(text, 1, "JPEG quality")
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{value} is above 100 (JPEG quality is 1 ... 100)")
+    return value
+
+
 def add_device_option(p: argparse.ArgumentParser) -> None:
     from difflab.devices import DEVICE_HELP
 

@@ -16,6 +16,7 @@ from difflab.cli.common import (
     Command,
     Parser,
     add_device_option,
+    add_format_options,
     add_training_controls,
     check_outputs,
     is_resuming,
@@ -99,16 +100,13 @@ def _add_loading(p: argparse.ArgumentParser) -> None:
 
 
 def add_gan_sample_arguments(p: argparse.ArgumentParser) -> None:
-    from difflab.visualize.images import ImageFormat
-
     _add_loading(p)
     p.add_argument("-n", type=positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--start", type=nonneg_int, default=0, help="first image index: writes START+1 ... START+N")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", help="folder for 1.jpg ... N.jpg, and nothing else (default: RUN/samples/images); "
                                  "the record of the run goes beside it, <folder>.sampling.json")
-    p.add_argument("--format", default=ImageFormat.JPG.value, choices=[f.value for f in ImageFormat],
-                   help="image format (default jpg)")
+    add_format_options(p)
     p.add_argument("--grid", help="also save a grid of the first 64 images to this file (.png or .jpg)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -131,13 +129,14 @@ def run_gan_sample(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     for idx, imgs in sample_batches(gan, args.n, seed=args.seed, batch_size=args.batch_size, start=args.start,
                                     truncation=args.truncation, progress=not args.no_progress):
-        save_numbered(imgs, out, idx.start, args.format)
+        save_numbered(imgs, out, idx.start, args.format, args.jpeg_quality)
         kept += list(imgs[: max(0, 64 - len(kept))])
     seconds = time.monotonic() - t0
     cfg = gan.config
     record = write_record(out, {
         "run": str(gan.path), "step": gan.step, "n": args.n, "start": args.start, "seed": args.seed,
         "weights": args.weights, "gan": cfg.kind.value, "truncation": args.truncation,
+        "format": args.format, "jpeg_quality": args.jpeg_quality if args.format == "jpg" else None,
         "nfe_per_image": cfg.steps, "seconds": seconds,
         **({"ddgan_steps": cfg.schedule.timesteps} if cfg.kind is GANKind.DDGAN else {}),
     }, args.start)

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from difflab.cli.common import (
     Command,
     add_condition_options,
+    add_format_options,
     add_run_options,
     add_sampler_options,
     check_outputs,
-    choices,
     load_run_for,
     nonneg_int,
     positive_int,
@@ -36,8 +36,6 @@ if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command run
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    from difflab.visualize.images import ImageFormat
-
     add_run_options(p, compile=True)
     add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, eta 1, unless its recipe or config names another)")
     add_condition_options(p)
@@ -48,7 +46,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", help="folder for 1.jpg ... N.jpg, and nothing else (default: RUN/samples/<sampler>-<steps>...); "
                                  "the record of the run goes beside it, <folder>.sampling.json")
-    p.add_argument("--format", default=ImageFormat.JPG.value, choices=choices(ImageFormat), help="image format (default jpg)")
+    add_format_options(p)
     p.add_argument("--grid", help="also save a grid of the first 64 images to this file (.png or .jpg)")
     p.add_argument("--upscale-run", metavar="SR_RUN",
                    help="cascade: upscale every image with this super-resolution run (trained with --task upscale --from "
@@ -122,6 +120,7 @@ def run_sample(args: argparse.Namespace) -> int:
         "weights": args.weights, "clip": args.clip, "precision": args.precision, "compile": args.compile,
         "sampler": to_dict(cfg), "grid_kind": cfg.grid_kind.value, "nfe_per_image": cfg.nfe(T), "seconds": None,
         "guidance": args.guidance, "guidance_interval": args.guidance_interval, "format": fmt,
+        "jpeg_quality": args.jpeg_quality if fmt == "jpg" else None,
         "conditions": conditions(reqs, args.n, run.config.cond.schema),
         "upscale": None if stage is None else {"run": str(stage[0].path.resolve()), "step": stage[0].step,
                                                "sampler": to_dict(stage[2]), "from_size": stage[0].config.upscale.from_size,
@@ -139,7 +138,7 @@ def run_sample(args: argparse.Namespace) -> int:
                 imgs = torch.cat([b for _, b in upscale_batches(
                     sr_denoiser, imgs, sr_run.config.upscale, sr_run.image_shape[1], sr_cfg, seed=args.seed,
                     start=idx.start, batch_size=args.batch_size, device=sr_run.device, progress=False)])
-            save_numbered(imgs, out, idx.start, fmt)
+            save_numbered(imgs, out, idx.start, fmt, args.jpeg_quality)
             written += len(imgs)
             # the grid: the first 64 images, or the first `per_row` images of each request, one row each
             kept += [img for k, img in zip(idx, imgs) if ((k - args.start) % args.n < per_row if by_row else len(kept) < 64)]
