@@ -175,3 +175,24 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
     one, two = (ckpt_mod.load_tensors(tmp_path / n / "model.safetensors") for n in ("one", "two"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4)
+
+
+def test_train_procs_runs_the_command_under_torchrun(tmp_path):
+    """`difflab train --procs 2` is the same command under torchrun (2 ranks, one thread each here); a
+    global batch the ranks cannot split is refused in one line before anything starts."""
+    data = image_folder(tmp_path)
+    base = [sys.executable, "-m", "difflab", "train", "--preset", "tiny", "--data", str(data), "--image-size", "16",
+            "--max-steps", "4", "--no-progress", "train.sample_every=0", "train.precision=fp32", "train.checkpoint_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*base, "--procs", "2", "--batch-size", "8", "--out", str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "difflab: 2 processes of 1 thread(s): torchrun --standalone --nproc_per_node 2" in proc.stderr
+    assert "--procs" not in proc.stderr.split("torchrun", 1)[1].splitlines()[0]  # the ranks run it without --procs
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 4 and state["images_seen"] == 32
+    proc = subprocess.run([*base, "--procs=2", "--batch-size", "7", "--out", str(tmp_path / "odd")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--procs 2: train.batch_size=7 must be divisible by procs * grad_accum = 2" in proc.stderr
+    assert not (tmp_path / "odd").exists()

@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else map(str, argv))  # `train --procs N` runs it again
         # argparse matches a positional list once: key=value overrides after another option land here
         spill = [a for a in extra if "=" in a and not a.startswith("-")]
         if spill and isinstance(getattr(args, "overrides", None), list) and len(spill) == len(extra):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
@@ -342,6 +344,37 @@ def is_resuming(args: argparse.Namespace) -> bool:
     from difflab.train.checkpoint import has_checkpoint
 
     return args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
+
+
+def run_under_torchrun(procs: int, argv: Sequence[str]) -> int:
+    """Run this command line again as ``procs`` processes on this machine (``torchrun --standalone``: a
+    free port, one node), without ``--procs``; each process gets cores / procs torch threads unless
+    ``OMP_NUM_THREADS`` is set. SIGTERM is passed on and Ctrl-C reaches torchrun from the terminal (the
+    ranks agree to stop and save); returns torchrun's exit status."""
+    import signal
+    import subprocess
+
+    rest, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--procs":
+            skip = True
+        elif not word.startswith("--procs="):
+            rest.append(word)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // procs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+           "-m", "difflab", *rest]
+    print(f"difflab: {procs} processes of {threads} thread(s): torchrun --standalone --nproc_per_node {procs} "
+          f"-m difflab {' '.join(rest)}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
+    old_term = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches torchrun itself
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def train_and_report(trainer_cls: Callable[..., Any], cfg: Any, args: argparse.Namespace, resuming: bool) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from difflab.cli.common import (
@@ -12,6 +13,7 @@ from difflab.cli.common import (
     out_folder,
     positive_int,
     resume_config,
+    run_under_torchrun,
     train_and_report,
     with_spilled_overrides,
 )
@@ -60,6 +62,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--procs", type=positive_int, default=1, metavar="N",
+                   help="train with N processes on this machine (torchrun --standalone, data-parallel, the same "
+                        "global batch and draws as one process; each gets cores/N threads): on a 2-core CPU, 2 "
+                        "one-thread processes train faster than one two-thread process (BENCHMARKS.md)")
     add_training_controls(p, "train.lr=1e-4 schedule.kind=cosine model.dropout=0")
 
 
@@ -173,6 +179,12 @@ def run_train(args: argparse.Namespace) -> int:
     if cfg.foreign is not None:  # difflab import: the network is another library's
         raise ConfigError(f"--out {args.out} holds an imported {cfg.foreign.label}: difflab trains its own UNet only "
                           "(sample, progress, compare, eval and export work on imported runs)")
+    if args.procs > 1 and not args.dry_run and "LOCAL_RANK" not in os.environ:
+        per_step = args.procs * cfg.train.grad_accum
+        if cfg.train.batch_size % per_step:
+            raise ConfigError(f"--procs {args.procs}: train.batch_size={cfg.train.batch_size} must be divisible by "
+                              f"procs * grad_accum = {per_step}")
+        return run_under_torchrun(args.procs, args.argv)
     return train_and_report(Trainer, cfg, args, resuming)
 
 
