@@ -137,7 +137,7 @@ def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: flo
     if run.exists():
         shutil.rmtree(run)  # an unfinished run (its minutes are spoilt) or a stale copy: start again
     if resume_from is not None:  # continue the shorter run, in a copy
-        shutil.copytree(resume_from, run, ignore=shutil.ignore_patterns("faces", "ladder-*", "grid.png"))
+        shutil.copytree(resume_from, run, ignore=shutil.ignore_patterns("faces", "ladder-*", "grid.png", "curves.png"))
         shorter = json.loads((resume_from / "ladder-trained.json").read_text())
         split_of_budget = {k: shorter[k] for k in ("autoencoder_minutes", "encoding_minutes") if k in shorter}
         if split_of_budget:  # a latent rung: the autoencoder is kept, the diffusion model gets the extra minutes
