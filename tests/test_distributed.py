@@ -178,7 +178,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
 
 
 def test_train_procs_runs_the_command_under_torchrun(tmp_path):
-    """`difflab train --procs 2` is the same command under torchrun (2 ranks, one thread each here); a
+    """`difflab train --procs 2` is the same command as 2 ranks (torchrun's environment, one thread each); a
     global batch the ranks cannot split is refused in one line before anything starts."""
     data = image_folder(tmp_path)
     base = [sys.executable, "-m", "difflab", "train", "--preset", "tiny", "--data", str(data), "--image-size", "16",
@@ -187,7 +187,7 @@ def test_train_procs_runs_the_command_under_torchrun(tmp_path):
     proc = subprocess.run([*base, "--procs", "2", "--batch-size", "8", "--out", str(tmp_path / "run")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "difflab: 2 processes of 1 thread(s): torchrun --standalone --nproc_per_node 2" in proc.stderr
+    assert "difflab: 2 processes of 1 thread(s) (as torchrun --standalone --nproc_per_node 2" in proc.stderr
     assert "--procs" not in proc.stderr.split("torchrun", 1)[1].splitlines()[0]  # the ranks run it without --procs
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-0000004" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4 and state["images_seen"] == 32
@@ -196,3 +196,28 @@ def test_train_procs_runs_the_command_under_torchrun(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--procs 2: train.batch_size=7 must be divisible by procs * grad_accum = 2" in proc.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def test_train_procs_passes_sigterm_on_and_both_ranks_stop_and_save(tmp_path):
+    """SIGTERM to `difflab train --procs 2` reaches each rank once, they agree to stop at one step, rank 0
+    saves, and the launcher exits 0 like a one-process run would."""
+    import signal
+    import time
+
+    data = image_folder(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "difflab", "train", "--procs", "2", "--preset", "tiny", "--data", str(data),
+         "--image-size", "16", "--batch-size", "8", "--max-steps", "100000", "--out", str(out), "--no-progress",
+         "train.sample_every=0", "train.precision=fp32", "train.log_every=1", "train.checkpoint_every=100000"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "log.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "(SIGTERM)" in stdout
+    state = json.loads((out / "latest.json").read_text())
+    saved = json.loads((out / "checkpoints" / f"step-{state['step']:07d}" / "state.json").read_text())
+    assert state["step"] >= 1 and saved["world_size"] == 2 and saved["images_seen"] == 8 * state["step"]

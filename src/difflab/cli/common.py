@@ -346,13 +346,17 @@ def is_resuming(args: argparse.Namespace) -> bool:
     return args.resume == "always" or (args.resume == "auto" and has_checkpoint(args.out))
 
 
-def run_under_torchrun(procs: int, argv: Sequence[str]) -> int:
-    """Run this command line again as ``procs`` processes on this machine (``torchrun --standalone``: a
-    free port, one node), without ``--procs``; each process gets cores / procs torch threads unless
-    ``OMP_NUM_THREADS`` is set. SIGTERM is passed on and Ctrl-C reaches torchrun from the terminal (the
-    ranks agree to stop and save); returns torchrun's exit status."""
+def run_in_procs(procs: int, argv: Sequence[str]) -> int:
+    """Run this command line again as ``procs`` data-parallel processes on this machine, without
+    ``--procs``: ranks 0 ... procs-1 with the environment ``torchrun`` gives (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT on a free local port), each with cores / procs torch threads unless
+    ``OMP_NUM_THREADS`` is set. The ranks run in their own session, so a signal reaches them once,
+    through here: SIGINT or SIGTERM is passed to every rank (they agree to stop at one step and rank 0
+    saves); if a rank fails, the others are stopped the same way. Returns the worst exit status."""
     import signal
+    import socket
     import subprocess
+    import time
 
     rest, skip = [], False
     for word in argv:
@@ -363,18 +367,34 @@ def run_under_torchrun(procs: int, argv: Sequence[str]) -> int:
         elif not word.startswith("--procs="):
             rest.append(word)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // procs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           "-m", "difflab", *rest]
-    print(f"difflab: {procs} processes of {threads} thread(s): torchrun --standalone --nproc_per_node {procs} "
-          f"-m difflab {' '.join(rest)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
-    old_term = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches torchrun itself
+    with socket.socket() as sock:  # a free port for the rendezvous (rank 0 binds it again at once)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    print(f"difflab: {procs} processes of {threads} thread(s) (as torchrun --standalone --nproc_per_node {procs} "
+          f"-m difflab {' '.join(rest)})", file=sys.stderr, flush=True)
+    base = {**os.environ, "OMP_NUM_THREADS": threads, "WORLD_SIZE": str(procs), "LOCAL_WORLD_SIZE": str(procs),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [subprocess.Popen([sys.executable, "-m", "difflab", *rest], start_new_session=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(procs)]
+    sent: set[int] = set()
+
+    def stop(signum: int) -> None:
+        if signum not in sent:  # once per signal kind: a second SIGINT/SIGTERM would make the ranks quit unsaved
+            sent.add(signum)
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.send_signal(signum)
+
+    old = {s: signal.signal(s, lambda signum, _frame: stop(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        while any(rank.poll() is None for rank in ranks):
+            if any(rank.returncode not in (None, 0) for rank in ranks):
+                stop(signal.SIGTERM)  # a failed rank: the others would wait for it in the next collective
+            time.sleep(0.2)
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return max(rank.returncode for rank in ranks)
 
 
 def train_and_report(trainer_cls: Callable[..., Any], cfg: Any, args: argparse.Namespace, resuming: bool) -> int:

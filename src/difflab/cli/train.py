@@ -13,7 +13,7 @@ from difflab.cli.common import (
     out_folder,
     positive_int,
     resume_config,
-    run_under_torchrun,
+    run_in_procs,
     train_and_report,
     with_spilled_overrides,
 )
@@ -63,9 +63,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="training seed")
     p.add_argument("--procs", type=positive_int, default=1, metavar="N",
-                   help="train with N processes on this machine (torchrun --standalone, data-parallel, the same "
-                        "global batch and draws as one process; each gets cores/N threads): on a 2-core CPU, 2 "
-                        "one-thread processes train faster than one two-thread process (BENCHMARKS.md)")
+                   help="train with N data-parallel processes on this machine (what torchrun --standalone "
+                        "--nproc_per_node N would start; the same global batch and draws as one process; each gets "
+                        "cores/N threads): on a 2-core CPU, --procs 2 trains 1.11x faster (BENCHMARKS.md)")
     add_training_controls(p, "train.lr=1e-4 schedule.kind=cosine model.dropout=0")
 
 
@@ -184,7 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
         if cfg.train.batch_size % per_step:
             raise ConfigError(f"--procs {args.procs}: train.batch_size={cfg.train.batch_size} must be divisible by "
                               f"procs * grad_accum = {per_step}")
-        return run_under_torchrun(args.procs, args.argv)
+        return run_in_procs(args.procs, args.argv)
     return train_and_report(Trainer, cfg, args, resuming)
 
 
