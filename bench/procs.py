@@ -1,4 +1,4 @@
-"""Two one-thread processes (``torchrun --nproc_per_node 2``, gloo) against one two-thread process:
+"""Two one-thread processes (``difflab train --procs 2``: two gloo ranks) against one two-thread process:
 training images per second of a recipe on this CPU, at the same global batch.
 
 The two forms train the same model on the same draws (each example's timestep, noise and augmentation
@@ -36,15 +36,11 @@ def rate(run: Path, skip: int) -> float:
     return statistics.median(rates)
 
 
-def train(variant: str, run: Path, args: argparse.Namespace, port: int) -> float:
-    train_args = ["train", "--recipe", args.recipe, "--data", args.data, "--image-size", str(args.image_size),
-                  "--out", str(run), "--no-progress", "--max-steps", str(args.steps), "--minutes", "0",
-                  "train.log_every=10", "train.sample_every=0", "train.checkpoint_every=1000000", *args.overrides]
-    if variant == "threads2":
-        cmd, threads = [sys.executable, "-m", "difflab", *train_args], "2"
-    else:
-        cmd, threads = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), "-m", "difflab", *train_args], "1"
+def train(variant: str, run: Path, args: argparse.Namespace) -> float:
+    procs, threads = (["--procs", "2"], "1") if variant == "ranks2" else ([], "2")
+    cmd = [sys.executable, "-m", "difflab", "train", "--recipe", args.recipe, "--data", args.data, "--image-size",
+           str(args.image_size), "--out", str(run), "--no-progress", "--max-steps", str(args.steps), "--minutes", "0",
+           *procs, "train.log_every=10", "train.sample_every=0", "train.checkpoint_every=1000000", *args.overrides]
     subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, check=True)
     return rate(run, args.skip)
 
@@ -65,7 +61,7 @@ def main() -> None:
         for k in range(args.rounds):
             for variant in VARIANTS:
                 run = work / f"{variant}-{k}"
-                rates[variant].append(train(variant, run, args, 29600 + k))
+                rates[variant].append(train(variant, run, args))
                 print(f"round {k} {variant}: {rates[variant][-1]:.1f} images/s", flush=True)
                 shutil.rmtree(run)
     finally:

@@ -65,7 +65,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--procs", type=positive_int, default=1, metavar="N",
                    help="train with N data-parallel processes on this machine (what torchrun --standalone "
                         "--nproc_per_node N would start; the same global batch and draws as one process; each gets "
-                        "cores/N threads): on a 2-core CPU, --procs 2 trains 1.11x faster (BENCHMARKS.md)")
+                        "cores/N threads): on a 2-core CPU, --procs 2 trains 1.10x faster (BENCHMARKS.md)")
     add_training_controls(p, "train.lr=1e-4 schedule.kind=cosine model.dropout=0")
 
 
