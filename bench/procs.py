@@ -9,6 +9,8 @@ logged ``images_per_s`` after the first ``--skip`` steps (start-up, data decodin
 allocations left out). Nothing else should run beside it.
 
     python bench/procs.py --data runs/ladder/train --recipe best --steps 120 --rounds 2
+    python bench/procs.py --data runs/ladder/train --latent-of runs/ladder/latent64-20-ae --steps 400 --skip 50 \
+        --rounds 2 data.augment.hflip=true
 
 Last line: ``ranks2_over_threads2=<ratio of median rates>``.
 """
@@ -38,8 +40,9 @@ def rate(run: Path, skip: int) -> float:
 
 def train(variant: str, run: Path, args: argparse.Namespace) -> float:
     procs, threads = (["--procs", "2"], "1") if variant == "ranks2" else ([], "2")
-    cmd = [sys.executable, "-m", "difflab", "train", "--recipe", args.recipe, "--data", args.data, "--image-size",
-           str(args.image_size), "--out", str(run), "--no-progress", "--max-steps", str(args.steps), "--minutes", "0",
+    size = ["--latent-of", args.latent_of] if args.latent_of else ["--image-size", str(args.image_size)]
+    cmd = [sys.executable, "-m", "difflab", "train", "--recipe", args.recipe, "--data", args.data, *size,
+           "--out", str(run), "--no-progress", "--max-steps", str(args.steps), "--minutes", "0",
            *procs, "train.log_every=10", "train.sample_every=0", "train.checkpoint_every=1000000", *args.overrides]
     subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, check=True)
     return rate(run, args.skip)
@@ -50,6 +53,8 @@ def main() -> None:
     p.add_argument("--data", required=True, help="a folder of images")
     p.add_argument("--recipe", default="best")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--latent-of", metavar="AE_RUN", help="a latent run on this autoencoder's latents (the ladder's "
+                   "latent rung: runs/ladder/latent64-20-ae); --image-size is then the autoencoder's")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--skip", type=int, default=20, help="steps left out of the rate")
     p.add_argument("--rounds", type=int, default=2)
@@ -67,7 +72,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {v: statistics.median(r) for v, r in rates.items()}
-    print(f"\n{args.recipe}, {args.image_size} px, {args.steps} steps per run, median of {args.rounds} runs "
+    what = f"latents of {args.latent_of}" if args.latent_of else f"{args.image_size} px"
+    print(f"\n{args.recipe}, {what}, {args.steps} steps per run, median of {args.rounds} runs "
           f"(rates past step {args.skip})\n")
     print("| variant | images/s (each run) | median |")
     print("|---|---|---:|")
