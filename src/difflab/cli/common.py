@@ -123,6 +123,11 @@ def add_format_options(p: argparse.ArgumentParser) -> None:
                         "on 64 px faces; compare folders written alike)")
 
 
+def format_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """What a sampling record says of the files: ``format`` and, for JPEGs, ``jpeg_quality``."""
+    return {"format": args.format, "jpeg_quality": args.jpeg_quality if args.format == "jpg" else None}
+
+
 def jpeg_quality(text: str) -> int:
     value = _int_at_least(text, 1, "JPEG quality")
     if value > 100:

@@ -19,6 +19,7 @@ from difflab.cli.common import (
     add_format_options,
     add_training_controls,
     check_outputs,
+    format_fields,
     is_resuming,
     nonneg_float,
     nonneg_int,
@@ -136,7 +137,7 @@ def run_gan_sample(args: argparse.Namespace) -> int:
     record = write_record(out, {
         "run": str(gan.path), "step": gan.step, "n": args.n, "start": args.start, "seed": args.seed,
         "weights": args.weights, "gan": cfg.kind.value, "truncation": args.truncation,
-        "format": args.format, "jpeg_quality": args.jpeg_quality if args.format == "jpg" else None,
+        **format_fields(args),
         "nfe_per_image": cfg.steps, "seconds": seconds,
         **({"ddgan_steps": cfg.schedule.timesteps} if cfg.kind is GANKind.DDGAN else {}),
     }, args.start)

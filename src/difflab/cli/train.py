@@ -180,10 +180,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} holds an imported {cfg.foreign.label}: difflab trains its own UNet only "
                           "(sample, progress, compare, eval and export work on imported runs)")
     if args.procs > 1 and not args.dry_run and "LOCAL_RANK" not in os.environ:
-        per_step = args.procs * cfg.train.grad_accum
-        if cfg.train.batch_size % per_step:
-            raise ConfigError(f"--procs {args.procs}: train.batch_size={cfg.train.batch_size} must be divisible by "
-                              f"procs * grad_accum = {per_step}")
+        from difflab.train.loop import micro_batch
+
+        try:  # refused here, in one line, rather than once by each rank
+            micro_batch(cfg.train, args.procs, "procs")
+        except ConfigError as e:
+            raise ConfigError(f"--procs {args.procs}: {e}") from None
         return run_in_procs(args.procs, args.argv)
     return train_and_report(Trainer, cfg, args, resuming)
 

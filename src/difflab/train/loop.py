@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from difflab.config import LRDecay, RunConfig, SegObjective
+from difflab.config import LRDecay, RunConfig, SegObjective, TrainConfig
 from difflab.data.augment import augment
 from difflab.data.dataset import ImageData, load_dataset, to_float, to_uint8
 from difflab.data.paired import PairAugment, PairedData, colorize, joint_augment, load_pairs, split_pairs
@@ -139,6 +139,15 @@ def split_segment_data(pairs: PairedData, cfg: RunConfig) -> tuple[ImageData, Se
                                 val_masks=pairs.masks[val].contiguous(), augment=aug, num_classes=seg.num_classes)
 
 
+def micro_batch(tc: TrainConfig, ranks: int, ranks_name: str = "world_size") -> int:
+    """Images per rank and micro-step: ``train.batch_size`` is the global batch, split over the ranks
+    and ``grad_accum``; one that does not split is a ConfigError (``ranks_name`` names the ranks' flag)."""
+    per_step = ranks * tc.grad_accum
+    if tc.batch_size % per_step:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by {ranks_name} * grad_accum = {per_step}")
+    return tc.batch_size // per_step
+
+
 def _destroy_process_group() -> None:
     """Tear the default process group down while the interpreter is still whole. Left to interpreter
     finalization, gloo's worker threads can drop tensors after Python is gone and abort the rank
@@ -210,12 +219,7 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.dist = DistInfo.from_env()
         tc = cfg.train
-        per_step = self.dist.world_size * tc.grad_accum
-        if tc.batch_size % per_step:
-            raise ConfigError(
-                f"train.batch_size={tc.batch_size} must be divisible by world_size * grad_accum = {per_step}"
-            )
-        self.micro_batch = tc.batch_size // per_step
+        self.micro_batch = micro_batch(tc, self.dist.world_size)
         resume, restart = open_run_dir(self.run_dir, resume)  # before minutes of decoding data
         self.device = resolve_device(device)
         if self.device.type == "cuda":  # one GPU per rank: cuda means this rank's own
