@@ -1,6 +1,7 @@
 """Latent diffusion (difflab.latent): the config of a run on an autoencoder's latents, the codec's
 normalisation, the data encoded once (both orientations, cached), training, exact resume, and the
 sampling path ending in the decoder; the commands that do not take latent runs say so in one line."""
+import dataclasses
 import json
 import shutil
 
@@ -171,7 +172,8 @@ def test_a_latent_run_resumes_exactly_and_samples_without_its_autoencoder_run(tm
 def test_latent_runs_are_refused_in_one_line_where_they_cannot_work(latent_run, ae_run, faces, tmp_path, capsys):
     code, _, err = _run(capsys, "sample", "--run", latent_run, "-n", 1, "--clip", "clip", "--out", tmp_path / "x", "--no-progress")
     assert code == 2 and "latents have no [-1, 1] range" in err and len(err.strip().splitlines()) == 1
-    code, _, err = _run(capsys, "edit", "--run", latent_run, "--image", faces / "f0.png", "--out", tmp_path / "e", "--no-progress")
+    code, _, err = _run(capsys, "upscale", "--run", latent_run, "--images", faces / "f0.png", "--out", tmp_path / "e",
+                        "--no-progress")
     assert code == 2 and "is a latent run" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, "train", "--latent-of", ae_run, "--data", faces, "--image-size", 32, "--out", tmp_path / "r",
                         *TINY)
@@ -236,3 +238,73 @@ def test_compare_sweeps_samplers_on_a_latent_run_and_writes_the_decoded_images(l
         got = np.array(Image.open(tmp_path / "cmp" / "ddim-4" / f"{k}.png"), dtype=np.int16)
         want = np.array(Image.open(tmp_path / "imgs" / f"{k}.png"), dtype=np.int16)
         assert got.shape == (16, 16, 3) and np.abs(got - want).max() <= 1
+
+
+def _pixels(folder, pattern="*.png"):
+    files = sorted(folder.glob(pattern))
+    return files, torch.stack([torch.from_numpy(np.array(Image.open(f), dtype=np.int16)).permute(2, 0, 1) for f in files])
+
+
+def test_sdedit_on_a_latent_run_edits_the_encoded_input_and_decodes(latent_run, faces, tmp_path, capsys):
+    from difflab.data.dataset import to_uint8
+    from difflab.edit import load_inputs
+    from difflab.runs import load_run
+    from difflab.samplers import sample_batches
+
+    def sampler_config_of(run):  # the run's own sampler table at the 4 steps the commands ask for
+        return dataclasses.replace(run.config.sampler, steps=4)
+
+    common = ["--run", latent_run, "--image", faces / "f0.png", "--steps", 4, "--precision", "fp32", "--no-progress"]
+    for batch in (1, 64):  # per-image seeds: the batch size does not change an edit
+        code, _, err = _run(capsys, "edit", *common, "-n", 3, "--strength", 0.5, "--batch-size", batch,
+                            "--out", tmp_path / f"b{batch}")
+        assert code == 0, err
+    a, b = sorted((tmp_path / "b1").glob("*.png")), sorted((tmp_path / "b64").glob("*.png"))
+    assert [f.name for f in a] == ["f0-1.png", "f0-2.png", "f0-3.png"]
+    assert all(Image.open(f).size == (16, 16) and f.read_bytes() == g.read_bytes() for f, g in zip(a, b))
+    # strength 0: nothing is noised, so the result is the autoencoder's reconstruction of the input
+    code, _, err = _run(capsys, "edit", *common, "-n", 1, "--strength", 0, "--out", tmp_path / "s0")
+    assert code == 0, err
+    run = load_run(latent_run)
+    x = load_inputs(faces / "f0.png", 16, 3).images
+    want = to_uint8(run.to_pixels(run.to_latents(x, "fp32"), "fp32")).to(torch.int16)
+    assert (_pixels(tmp_path / "s0")[1] - want).abs().max() <= 1
+    # strength 0.5: the sampler starts from the encoded input noised half-way, and its latents are decoded
+    z = torch.cat([zb for _, zb in sample_batches(run.denoiser(precision="fp32"), 3, run.image_shape,
+                                                  sampler_config_of(run), seed=0, progress=False,
+                                                  init=run.to_latents(x.expand(3, -1, -1, -1), "fp32"), strength=0.5)])
+    want = to_uint8(run.to_pixels(z, "fp32")).to(torch.int16)
+    assert (_pixels(tmp_path / "b1")[1] - want).abs().max() <= 1
+
+
+def test_inpainting_a_latent_run_keeps_the_input_outside_the_mask_exactly(latent_run, faces, tmp_path, capsys):
+    from difflab.data.dataset import to_uint8
+    from difflab.edit import load_inputs
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :6] = 255  # not on the 4 px latent grid: latent columns 0-1 (pixels 0-7) are regenerated
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code, _, err = _run(capsys, "inpaint", "--run", latent_run, "--image", faces / "f3.png", "--mask", tmp_path / "mask.png",
+                        "-n", 2, "--steps", 4, "--jump", 1, "--resample", 2, "--precision", "fp32", "--no-progress",
+                        "--out", tmp_path / "p", "--grid", tmp_path / "p.png")
+    assert code == 0, err
+    files, got = _pixels(tmp_path / "p")
+    assert [f.name for f in files] == ["f3-1.png", "f3-2.png"] and Image.open(tmp_path / "p.png").size[0] > 16
+    x = to_uint8(load_inputs(faces / "f3.png", 16, 3).images).to(torch.int16)
+    assert torch.equal(got[..., 6:], x.expand(2, -1, -1, -1)[..., 6:])  # every kept pixel is the input's
+    assert not torch.equal(got[0, :, :, :6], got[1, :, :, :6])  # the masked region is generated, per-image seeds
+    assert (got[..., :6] - x[..., :6]).abs().float().mean() > 2
+
+
+def test_a_pixel_mask_goes_to_the_latent_grid_regenerating_any_cell_it_touches():
+    from difflab.edit import downsample_mask
+
+    mask = torch.zeros(2, 1, 8, 12, dtype=torch.bool)
+    mask[0, 0, 5, 0] = True  # one pixel: the cell (1, 0) of the 4 px grid
+    mask[1, 0, :4, 4:8] = True  # exactly one cell: (0, 1)
+    want = torch.zeros(2, 1, 2, 3, dtype=torch.bool)
+    want[0, 0, 1, 0] = want[1, 0, 0, 1] = True
+    assert torch.equal(downsample_mask(mask, 4), want)
+    assert torch.equal(downsample_mask(mask, 1), mask)
+    with pytest.raises(ConfigError, match="cannot downsample"):
+        downsample_mask(mask, 5)

@@ -197,9 +197,10 @@ def test_the_progress_totals_count_every_callback(studio):
     assert len(calls) == network_calls(6, 2, 3) and [c.i for c in calls] == list(range(len(calls)))
 
 
-def test_a_latent_run_generates_the_decoded_pixels_of_its_command_and_refuses_edits(data_folder, tmp_path):
-    """The page on a latent run (difflab.latent): its x0 previews and results are decoded images, the same
-    bytes as the printed `difflab sample` command writes; SDEdit and inpainting say they need a pixel run."""
+def test_a_latent_run_generates_and_edits_the_decoded_pixels_of_its_commands(data_folder, tmp_path):
+    """The page on a latent run (difflab.latent): it describes the 16 px images the run makes (not its
+    4 x 4 latents), and for generation, SDEdit and inpainting its x0 previews and results are decoded
+    images, the same bytes as the printed command writes."""
     from difflab.runs import load_run
 
     ae, ldm = tmp_path / "ae", tmp_path / "ldm"
@@ -208,20 +209,32 @@ def test_a_latent_run_generates_the_decoded_pixels_of_its_command_and_refuses_ed
                  "train.sample_every=0", "train.precision=fp32"]) == 0
     assert main(["train", "--latent-of", str(ae), "--data", str(data_folder), "--out", str(ldm), *TINY]) == 0
     studio = Studio(load_run(ldm), str(ldm), tmp_path / "out", limits=Limits(upload_bytes=4096))
-    prepared = studio.prepare({"task": "generate", "steps": "3", "seed": "5", "n": "2", "precision": "fp32"})
-    job = prepared.job
-    job.work(job)
-    assert job.preview is not None and Image.open(io.BytesIO(job.preview)).size[1] >= 16  # decoded 16 px images
-    page_files = sorted((tmp_path / "out" / "generate" / job.id).glob("*.png"))
-    argv = shlex.split(job.command)[1:]
-    out = tmp_path / "cli"
-    argv[argv.index("--out") + 1] = str(out)
-    assert main([*argv, "--no-progress"]) == 0
-    assert [f.name for f in page_files] == ["1.png", "2.png"]
-    for f in page_files:
-        assert Image.open(f).size == (16, 16) and f.read_bytes() == (out / f.name).read_bytes()
-    with pytest.raises(DifflabError, match="is a latent run: SDEdit and inpainting work on pixel-space runs"):
-        studio.prepare({"task": "edit", "image": "uploads/0123456789abcdef.png", "strength": "0.5"})
+    assert (studio.info()["image_size"], studio.info()["channels"]) == (16, 3)
+    image = studio.store_upload((data_folder / "dogs" / "0.png").read_bytes(), "face.png")["ref"]
+    buf = io.BytesIO()
+    Image.fromarray(np.where(np.arange(16)[None, :] < 6, 255, 0).astype(np.uint8).repeat(16, 0)).save(buf, format="PNG")
+    mask = studio.store_upload(buf.getvalue(), "mask.png", "mask")["ref"]
+    forms = {"generate": {"task": "generate"}, "edit": {"task": "edit", "image": image, "strength": "0.6"},
+             "inpaint": {"task": "inpaint", "image": image, "mask": mask, "jump": "1", "resample": "2"}}
+    for task, form in forms.items():
+        job = studio.prepare({**form, "steps": "3", "seed": "5", "n": "2", "precision": "fp32"}).job
+        job.work(job)
+        preview = Image.open(io.BytesIO(job.preview))
+        assert preview.mode == "RGB" and preview.size[1] >= 16, task  # decoded 16 px images, not 4-channel latents
+        page_files = sorted((tmp_path / "out" / task / job.id).glob("*.png"))
+        argv = shlex.split(job.command)[1:]
+        out = tmp_path / "cli" / task
+        argv[argv.index("--out") + 1] = str(out)
+        if "--image" in argv:  # the upload and mask as files the command can read
+            argv[argv.index("--image") + 1] = str(studio.out / image)
+        if "--mask" in argv:
+            argv[argv.index("--mask") + 1] = str(studio.out / mask)
+        assert main([*argv, "--no-progress"]) == 0, task
+        assert [f.name for f in page_files] == ["1.png", "2.png"], task
+        cli_files = sorted(out.glob("*.png"))
+        assert len(cli_files) == 2, task
+        for f, c in zip(page_files, cli_files):
+            assert Image.open(f).size == (16, 16) and f.read_bytes() == c.read_bytes(), task
 
 
 def test_a_caption_run_needs_a_prompt():

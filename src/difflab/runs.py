@@ -80,6 +80,16 @@ class LoadedRun:
         self.codec.autocast = autocast_dtype(parse_choice(Precision, precision, "--precision"), self.codec.device)
         return self.codec.decode(x)
 
+    def to_latents(self, x: torch.Tensor, precision: Precision | str = Precision.AUTO, batch_size: int = 64) -> torch.Tensor:
+        """Images in [-1, 1] (N, 3, H, W) as what the network denoises: a latent run encodes them (the
+        posterior mean, normalised like its training data, ``batch_size`` at a time, on the run's device;
+        returned on the CPU), a pixel-space run returns them as they are. The inverse of :meth:`to_pixels`
+        up to the autoencoder's reconstruction error."""
+        if self.codec is None:
+            return x
+        self.codec.autocast = autocast_dtype(parse_choice(Precision, precision, "--precision"), self.codec.device)
+        return torch.cat([self.codec.encode(x[s : s + batch_size]).cpu() for s in range(0, len(x), batch_size)])
+
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images the run makes (after decoding, for a latent run)."""

@@ -156,7 +156,7 @@ def load_run_for(args: argparse.Namespace, run: str | None = None, *, latent: bo
     if loaded.codec is not None and not latent:
         raise ConfigError(f"--run {run or args.run} is a latent run (diffusion on an autoencoder's latents): difflab "
                           f"{getattr(args, 'command', None) or 'this command'} works on pixel-space runs; "
-                          "difflab sample, compare, progress and animate take it")
+                          "difflab sample, edit, inpaint, compare, progress and animate take it")
     if hasattr(args, "clip"):
         args.clip = loaded.clip_mode(args.clip).value
     return loaded

@@ -5,6 +5,12 @@ Both take one image or a folder (``--image``), write ``<input name>-<k>.png`` fo
 save a figure (``--grid``): one row per input, the input (masked, for inpainting) then its K results.
 Output j of input i is image i K + j of the set, with seed (seed, i K + j), so results do not depend
 on the batch size.
+
+A latent run (:mod:`difflab.latent`) edits in its latent space: the inputs are encoded by its frozen
+autoencoder, SDEdit and RePaint run on the latents (an inpainting mask is taken to the latent grid,
+a cell regenerated when any of its pixels is), and the results are decoded; inpainting then puts the
+input's own pixels back outside the mask, so the kept region is the input's exactly, as in pixel space.
+(At ``--strength 0`` a latent run returns the autoencoder's reconstruction of the input.)
 """
 from __future__ import annotations
 
@@ -78,7 +84,7 @@ def add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
 def _prepare(args: argparse.Namespace, what: str) -> tuple[Any, Any, list[Any], dict[str, Any], Path, Path | None]:
     """The run, inputs (notes printed), condition rows for every output, output folder and figure path."""
     grid_file = check_outputs(args)
-    run = load_run_for(args)
+    run = load_run_for(args, latent=True)
     inputs, reqs, rows = prepare_inputs(args, run, what, note=lambda text: print(f"note: {text}"))
     src = Path(args.image).expanduser()
     out = Path(args.out).expanduser() if args.out else run.path / what / src.stem
@@ -96,7 +102,7 @@ def prepare_inputs(args: argparse.Namespace, run: Any, what: str,
     from difflab.captions import condition_rows, requests
     from difflab.edit import load_inputs
 
-    channels, size = run.image_shape[0], run.image_shape[1]
+    channels, size = run.pixel_shape[0], run.pixel_shape[1]
     inputs = load_inputs(args.image, size, channels)
     for text in inputs.notes:
         note(text)
@@ -156,6 +162,20 @@ def _finish(args: argparse.Namespace, run: Any, inputs: Any, reqs: list[Any], ou
 Results = tuple[Iterator[tuple[range, Any]], Any, dict[str, Any]]
 
 
+def _decoded(run: Any, results: Iterator[tuple[range, Any]], precision: str, keep: Any = None,
+             known: Any = None) -> Iterator[tuple[range, Any]]:
+    """``results`` as images: a latent run's batches decoded (pixel-space runs: unchanged); with ``keep``
+    (bool masks, True = regenerated) the ``known`` images' pixels are put back where it is False."""
+    import torch
+
+    for idx, x in results:
+        x = run.to_pixels(x, precision)
+        if keep is not None:
+            rows = slice(idx.start, idx.stop)
+            x = torch.where(keep[rows].to(x.device), x, known[rows].to(x.device))
+        yield idx, x
+
+
 def run_edit(args: argparse.Namespace) -> int:
     run, inputs, reqs, rows, out, grid_file = _prepare(args, "edits")
     results, shown, record = edit_results(args, run, inputs, rows)
@@ -169,11 +189,13 @@ def edit_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[str
 
     cfg = sampler_config(args, run.config.sampler)
     grid = make_grid(run.schedule, cfg, args.strength)  # a bad --steps fails here, before any work
-    init, cond = rows["images"], {k: v for k, v in rows.items() if k != "images"}
+    cond = {k: v for k, v in rows.items() if k != "images"}
+    init = run.to_latents(rows["images"], args.precision, args.batch_size)  # a latent run edits its latents
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
     results = sample_batches(denoiser, len(init), run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
                              device=run.device, progress=not args.no_progress, callback=callback, init=init,
                              strength=args.strength, **cond)
+    results = _decoded(run, results, args.precision)
     start_t = None if args.strength == 1.0 else float(grid.t[0])
     return results, inputs.images, {
         "task": "sdedit", "strength": args.strength, "start_timestep": start_t,
@@ -194,12 +216,12 @@ def inpaint_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[
     import torch
 
     from difflab.config import to_dict
-    from difflab.edit import inpaint_batches, load_mask, make_mask
+    from difflab.edit import downsample_mask, inpaint_batches, load_mask, make_mask
     from difflab.edit.inpaint import DEFAULT_SAMPLER, network_calls
     from difflab.samplers import image_generators, make_grid
 
     cfg = sampler_config(args, DEFAULT_SAMPLER)
-    size = run.image_shape[1]
+    size = run.pixel_shape[1]
     if args.mask:
         masks = torch.stack([load_mask(args.mask, size, wh) for wh in inputs.sizes])
     elif args.mask_kind == "random-boxes":
@@ -208,10 +230,19 @@ def inpaint_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[
         masks = make_mask(args.mask_kind, size)[None].expand(len(inputs.images), -1, -1, -1)
     steps = len(make_grid(run.schedule, cfg))
     images, cond = rows["images"], {k: v for k, v in rows.items() if k != "images"}
+    regen = masks.repeat_interleave(args.n, 0)
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
-    results = inpaint_batches(denoiser, images, masks.repeat_interleave(args.n, 0), len(images), cfg, jump=args.jump,
-                              resample=args.resample, seed=args.seed, batch_size=args.batch_size, device=run.device,
-                              progress=not args.no_progress, callback=callback, **cond)
+    if run.codec is None:
+        results = inpaint_batches(denoiser, images, regen, len(images), cfg, jump=args.jump, resample=args.resample,
+                                  seed=args.seed, batch_size=args.batch_size, device=run.device,
+                                  progress=not args.no_progress, callback=callback, **cond)
+    else:  # on the latents, then decoded with the input's own pixels put back outside the mask
+        latents = run.to_latents(images, args.precision, args.batch_size)
+        factor = size // run.image_shape[1]
+        results = inpaint_batches(denoiser, latents, downsample_mask(regen, factor), len(images), cfg, jump=args.jump,
+                                  resample=args.resample, seed=args.seed, batch_size=args.batch_size, device=run.device,
+                                  progress=not args.no_progress, callback=callback, **cond)
+        results = _decoded(run, results, args.precision, keep=regen, known=images)
     shown = torch.where(masks, torch.zeros(()), inputs.images)  # regenerated region shown mid-grey
     return results, shown, {
         "task": "inpaint", "mask": args.mask, "mask_kind": args.mask_kind, "jump": args.jump, "resample": args.resample,

@@ -6,6 +6,6 @@ from __future__ import annotations
 
 from difflab.edit.inpaint import inpaint_batches, repaint_path
 from difflab.edit.inputs import Inputs, load_inputs
-from difflab.edit.masks import MaskKind, load_mask, make_mask
+from difflab.edit.masks import MaskKind, downsample_mask, load_mask, make_mask
 
-__all__ = ["Inputs", "MaskKind", "inpaint_batches", "load_inputs", "load_mask", "make_mask", "repaint_path"]
+__all__ = ["Inputs", "MaskKind", "downsample_mask", "inpaint_batches", "load_inputs", "load_mask", "make_mask", "repaint_path"]

@@ -1,7 +1,8 @@
 """Inpainting masks: True (white in a mask file) = regenerate, False = keep the input's pixels.
 
 :func:`load_mask` reads a mask drawn for an input image (same size as the input, fitted to the run
-exactly as the input is); :func:`make_mask` makes the standard ones for tests and demos."""
+exactly as the input is); :func:`make_mask` makes the standard ones for tests and demos;
+:func:`downsample_mask` gives a mask at a latent run's resolution."""
 from __future__ import annotations
 
 import os
@@ -62,3 +63,13 @@ def make_mask(kind: MaskKind | str, image_size: int, generator: torch.Generator 
             x = int(torch.randint(0, s - w + 1, (), generator=g))
             mask[:, y : y + h, x : x + w] = True
     return mask
+
+
+def downsample_mask(mask: Tensor, factor: int) -> Tensor:
+    """A bool mask (N, C, H, W) at 1/``factor`` of its size: a cell is True (regenerate) when any pixel it
+    covers is, so that everything the pixel mask asks to regenerate is regenerated (a latent run's
+    latents, :mod:`difflab.latent`, each stand for a ``factor`` x ``factor`` block of pixels)."""
+    n, c, h, w = mask.shape
+    if mask.dtype != torch.bool or factor < 1 or h % factor or w % factor:
+        raise ConfigError(f"cannot downsample a {mask.dtype} {h}x{w} mask by {factor}")
+    return mask.reshape(n, c, h // factor, factor, w // factor, factor).any(dim=5).any(dim=3)

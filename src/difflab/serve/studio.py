@@ -159,7 +159,7 @@ class Studio:
                   "steps": sr.config.sampler.num_steps(sr.schedule.num_timesteps)}
         return {
             "version": __version__, "run": self.run_arg, "step": run.step, "out": self.out_arg,
-            "image_size": run.image_shape[1], "channels": run.image_shape[0], "timesteps": T,
+            "image_size": run.pixel_shape[1], "channels": run.pixel_shape[0], "timesteps": T,
             "cond": {"kind": kind, "attributes": list(schema.attributes) if schema else [],
                      "classes": [list(c) for c in schema.classes] if schema else []},
             "samplers": sampler_names(),
@@ -224,13 +224,13 @@ class Studio:
             atomic_write_bytes(path, data)
         try:
             with self._prepare_lock:
-                img = open_image(path, 1 if kind == "mask" else self.run.image_shape[0])
+                img = open_image(path, 1 if kind == "mask" else self.run.pixel_shape[0])
         except BadImageError as e:
             path.unlink(missing_ok=True)
             raise DataError(f"{name}: {str(e).removeprefix(f'{path}: ')}") from None
         notes = []
         if kind == "image":
-            size = self.run.image_shape[1]
+            size = self.run.pixel_shape[1]
             if (w, h) != (size, size):
                 notes.append(f"{name} is {w}x{h}: the run sees it fitted to {size}x{size} (central square, Lanczos)")
         return {"ref": ref, "url": f"/files/{ref}", "width": img.width, "height": img.height, "format": fmt,
@@ -327,8 +327,7 @@ class Studio:
 
         def work(job: Job) -> None:
             job.set_total(steps * math.ceil(plan.total / args.batch_size))
-            # a latent run's x0 estimate is decoded for the preview, its samples for the results
-            job.render_preview = preview_png if run.codec is None else (lambda x0: preview_png(run.to_pixels(x0, args.precision)))
+            job.render_preview = _previews(run, args.precision)
             denoiser = plan.denoiser(run)
             for idx, imgs in sample_batches(denoiser, plan.total, run.image_shape, plan.cfg, seed=args.seed,
                                             batch_size=args.batch_size, start=args.start, device=run.device,
@@ -348,9 +347,6 @@ class Studio:
         from difflab.edit.inpaint import DEFAULT_SAMPLER
 
         run = self.run
-        if run.codec is not None:
-            raise ConfigError(f"{self.run_arg} is a latent run: SDEdit and inpainting work on pixel-space runs; "
-                              "this page generates with it")
         T = run.schedule.num_timesteps
         image = self.path_of(form.text("image"), "Image")
         cond_flags, what = self._condition(form, required=False)
@@ -382,7 +378,7 @@ class Studio:
         job.summary = f"{total} image(s), {what}, {record['sampler']['sampler']} {args.steps} steps, seed {seed}"
         stem = image.stem
         return self._batches_job(job, args, task, results, per_batch * math.ceil(total / args.batch_size), seed,
-                                 lambda k: f"{args.out}/{stem}-{k + 1}.png")
+                                 lambda k: f"{args.out}/{stem}-{k + 1}.png", _previews(run, args.precision))
 
     def _upscale(self, form: Form, job: Job) -> Prepared:
         from difflab.cli.common import sampler_config
@@ -410,15 +406,17 @@ class Studio:
                                  lambda k: f"{args.out}/{stem}.png" if n == 1 else f"{args.out}/{stem}-{k + 1}.png")
 
     def _batches_job(self, job: Job, args: argparse.Namespace, task: str, results: Iterator[tuple[range, Any]],
-                     total_steps: int, seed: int, cli_file: Callable[[int], str]) -> Prepared:
-        """The job writing each batch of ``results`` as it comes (k.png, the bytes the command writes)."""
+                     total_steps: int, seed: int, cli_file: Callable[[int], str],
+                     previews: Callable[[Any], bytes] | None = None) -> Prepared:
+        """The job writing each batch of ``results`` as it comes (k.png, the bytes the command writes);
+        ``previews`` renders a step's x0 estimate."""
         from difflab.visualize.images import save_numbered
 
         folder = self.out / task / job.id
 
         def work(job: Job) -> None:
             job.set_total(total_steps)
-            job.render_preview = preview_png
+            job.render_preview = previews or preview_png
             for idx, imgs in results:
                 job.check()
                 save_numbered(imgs, folder, idx.start, "png")
@@ -452,6 +450,13 @@ def preview_png(x0: Any) -> bytes:
     x0 = x0.detach().float().cpu()
     to_pil(make_grid(to_uint8(x0), nrow=min(len(x0), 8), padding=1)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _previews(run: Any, precision: str) -> Callable[[Any], bytes]:
+    """The preview renderer of jobs on ``run``: a latent run's x0 estimates are decoded first."""
+    if run.codec is None:
+        return preview_png
+    return lambda x0: preview_png(run.to_pixels(x0, precision))
 
 
 def describe_error(e: BaseException) -> str:
