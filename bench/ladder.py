@@ -18,7 +18,8 @@ rung (issue 21's pipeline) names ``latent:SIZE:AE_MINUTES``: an autoencoder trai
 + encoding + diffusion = the rung's minutes. Its faces are SIZE px (the homework's own 64, say), scored
 against the same reference as the 32 px rungs.
 Stages are kept when the command runs again: a run that reached its minutes, a sampled folder, a
-scored folder. ``--minutes 20,60`` trains each rung 20 minutes, scores it, then
+scored folder; a step-budgeted rung (below) that was stopped part-way goes on from its last checkpoint
+(exact resume), a timed one starts again. ``--minutes 20,60`` trains each rung 20 minutes, scores it, then
 resumes the same run to 60 minutes in total (a copy, so the 20-minute run stays) and scores that.
 
     python bench/ladder.py --minutes 20 --rungs hw-simple,hw-medium,hw-strong,best --out runs/ladder
@@ -126,6 +127,24 @@ def train_latent(run: Path, recipe: str, overrides: list[str], data: Path, minut
     return {"autoencoder_minutes": ae_s / 60, "encoding_minutes": encoded["seconds"] / 60, "diffusion_minutes": rest}
 
 
+BUDGET = "ladder-budget.json"  # in a step-budgeted run: the step its training goes to, written before it starts
+
+
+def stopped_on_the_way(run: Path, steps: int) -> bool:
+    """Whether ``run`` is a step-budgeted training toward ``steps`` that stopped (a killed job, a session
+    cut off) after writing a checkpoint."""
+    try:
+        return json.loads((run / BUDGET).read_text())["steps"] == steps and (run / "latest.json").is_file()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def mark_budget(run: Path, rate: float | None, minutes: float) -> None:
+    if rate is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / BUDGET).write_text(json.dumps({"steps": round(rate * minutes)}) + "\n")
+
+
 def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: float, resume_from: Path | None,
           rate: float | None = None) -> None:
     done = run / "ladder-trained.json"
@@ -134,9 +153,13 @@ def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: flo
     split_of_budget: dict = {}
     gan = recipe.startswith("gan:")
     command = ["gan", "train"] if gan else ["train"]
-    if run.exists():
-        shutil.rmtree(run)  # an unfinished run (its minutes are spoilt) or a stale copy: start again
-    if resume_from is not None:  # continue the shorter run, in a copy
+    latent = recipe.startswith("latent:")
+    resumed = rate is not None and not latent and stopped_on_the_way(run, round(rate * minutes))
+    if run.exists() and not resumed:
+        shutil.rmtree(run)  # an unfinished timed run (its minutes are spoilt) or a stale copy: start again
+    if resumed:  # a step budget survives an interruption (exact resume): go on from the last checkpoint
+        difflab_cli(*command, "--out", str(run), "--resume", "--no-progress", *sum(budget_flags(minutes, rate), []))
+    elif resume_from is not None:  # continue the shorter run, in a copy
         shutil.copytree(resume_from, run, ignore=shutil.ignore_patterns("faces", "ladder-*", "grid.png", "curves.png"))
         shorter = json.loads((resume_from / "ladder-trained.json").read_text())
         split_of_budget = {k: shorter[k] for k in ("autoencoder_minutes", "encoding_minutes") if k in shorter}
@@ -148,15 +171,20 @@ def train(run: Path, recipe: str, overrides: list[str], data: Path, minutes: flo
         else:  # the step the whole budget reaches at the rung's rate
             flags, steps = budget_flags(split_of_budget.get("diffusion_minutes", minutes), rate)
             budget = flags + steps
+            if not split_of_budget:
+                mark_budget(run, rate, minutes)
         difflab_cli(*command, "--out", str(run), "--resume", "--no-progress", *budget)
-    elif recipe.startswith("latent:"):
+    elif latent:
         split_of_budget = train_latent(run, recipe, overrides, data, minutes, rate)
     else:
         what = ["--kind", recipe[4:]] if gan else ["--recipe", recipe]
         flags, steps = budget_flags(minutes, rate)
+        mark_budget(run, rate, minutes)
         difflab_cli(*command, *what, "--data", str(data), "--image-size", "32", "--out", str(run), "--no-progress",
                     *flags, "train.max_steps=1000000", *overrides, *steps)
     budget_kind = {"budget": "wall minutes"} if rate is None else {"budget": "steps", "steps_per_minute": rate}
+    if resumed:
+        budget_kind["resumed_from_checkpoint"] = True
     done.write_text(json.dumps({"minutes": minutes, **log_steps(run), **split_of_budget, **budget_kind}) + "\n")
 
 
