@@ -74,6 +74,20 @@ def test_the_network_of_a_latent_run_is_built_for_the_latents():
     assert not plain.latent.active and plain.model.image_size == 16
 
 
+def test_a_latent_run_samples_with_ddim_eta_1_at_its_measured_step_count_unless_told():
+    from difflab.config import LATENT_DDIM_STEPS
+
+    assert LATENT_DDIM_STEPS == 20
+    cfg = resolve_config(recipe="best", flags=_latent_flags())
+    assert (cfg.sampler.sampler.value, cfg.sampler.eta, cfg.sampler.steps) == ("ddim", 1.0, 20)
+    assert resolve_config(recipe="best", flags={"data.source": "faces", "data.image_size": 32}).sampler.steps == 50
+    assert resolve_config(recipe="best", flags=_latent_flags(), overrides=["sampler.steps=50"]).sampler.steps == 50
+    assert resolve_config(recipe="best", toml={"sampler": {"steps": 35}}, flags=_latent_flags()).sampler.steps == 35
+    eta0 = resolve_config(recipe="best", flags=_latent_flags(), overrides=["sampler.eta=0"]).sampler
+    assert (eta0.eta, eta0.steps) == (0.0, 50)  # only DDIM eta 1 was measured
+    assert resolve_config(recipe="hw-simple", flags=_latent_flags()).sampler.steps is None  # DDPM: every step
+
+
 @pytest.mark.parametrize("over, overrides, message", [
     ({"latent.std": [1.0, 1.0, 1.0]}, [], "latent.mean and latent.std need 4 values"),
     ({"latent.std": [1.0, 0.0, 1.0, 1.0]}, [], "latent.std finite and positive"),

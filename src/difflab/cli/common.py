@@ -206,6 +206,11 @@ def _interval(text: str) -> tuple[float, float]:
 _SAMPLER_FLAGS = ("steps", "eta", "churn", "spacing", "variance", "trailing")
 
 
+#: ``--sampler``'s default in the help of commands that sample a trained run
+RUN_SAMPLER = ("the run's [sampler] table (ddim eta 1 at 50 steps, 20 for a latent run, unless its recipe or config "
+               "names another)")
+
+
 def add_sampler_options(p: argparse.ArgumentParser, *, default: str) -> None:
     """The sampler flags of ``sample``, ``progress`` and ``animate``; read them with
     :func:`sampler_config`. Every flag defaults to "not given", so the base config (a run's [sampler]

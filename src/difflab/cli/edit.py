@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difflab.cli.common import (
+    RUN_SAMPLER,
     Command,
     add_condition_options,
     add_run_options,
@@ -60,7 +61,7 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     _common(p, "edits")
-    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, eta 1, unless its recipe or config names another)")
+    add_sampler_options(p, default=RUN_SAMPLER)
     p.add_argument("--strength", type=_strength, default=0.5,
                    help="how far to noise the input: 0 returns it, 1 ignores it (plain sampling); default 0.5. The "
                         "sampler runs its --steps from timestep round(strength (T - 1)) down")

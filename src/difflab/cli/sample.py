@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difflab.cli.common import (
+    RUN_SAMPLER,
     Command,
     add_condition_options,
     add_format_options,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command run
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     add_run_options(p, compile=True)
-    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, eta 1, unless its recipe or config names another)")
+    add_sampler_options(p, default=RUN_SAMPLER)
     add_condition_options(p)
     p.add_argument("-n", type=positive_int, default=16, help="number of images (of each class/label/prompt; default 16)")
     p.add_argument("--start", type=nonneg_int, default=0,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difflab.cli.common import (
+    RUN_SAMPLER,
     Command,
     add_run_options,
     add_sampler_options,
@@ -54,7 +55,7 @@ PROGRESSION_FRAMES = 9  # x_T's estimate ... the sample: about 8 steps apart
 
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
-    add_sampler_options(p, default="the run's [sampler] table (ddim, 50 steps, eta 1, unless its recipe or config names another)")
+    add_sampler_options(p, default=RUN_SAMPLER)
     p.add_argument("--images", "--image", dest="images", required=True,
                    help="an image, a folder of images (searched recursively) or a paired folder (its images/ are used)")
     p.add_argument("--out", help="folder for <id>.png, <id>_overlay.png, <id>_uncertainty.png "
