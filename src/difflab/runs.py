@@ -77,8 +77,7 @@ class LoadedRun:
         ``precision`` auto finds it fast, like the network), a pixel-space run's output is returned as is."""
         if self.codec is None:
             return x
-        self.codec.autocast = autocast_dtype(parse_choice(Precision, precision, "--precision"), self.codec.device)
-        return self.codec.decode(x)
+        return self._codec_in(precision).decode(x)
 
     def to_latents(self, x: torch.Tensor, precision: Precision | str = Precision.AUTO, batch_size: int = 64) -> torch.Tensor:
         """Images in [-1, 1] (N, 3, H, W) as what the network denoises: a latent run encodes them (the
@@ -87,8 +86,14 @@ class LoadedRun:
         up to the autoencoder's reconstruction error."""
         if self.codec is None:
             return x
+        codec = self._codec_in(precision)
+        return torch.cat([codec.encode(x[s : s + batch_size]).cpu() for s in range(0, len(x), batch_size)])
+
+    def _codec_in(self, precision: Precision | str) -> LatentCodec:
+        """The codec, set to run in ``precision`` (bf16 where auto finds it fast, like the network)."""
+        assert self.codec is not None
         self.codec.autocast = autocast_dtype(parse_choice(Precision, precision, "--precision"), self.codec.device)
-        return torch.cat([self.codec.encode(x[s : s + batch_size]).cpu() for s in range(0, len(x), batch_size)])
+        return self.codec
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:

@@ -191,7 +191,8 @@ def edit_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[str
     cfg = sampler_config(args, run.config.sampler)
     grid = make_grid(run.schedule, cfg, args.strength)  # a bad --steps fails here, before any work
     cond = {k: v for k, v in rows.items() if k != "images"}
-    init = run.to_latents(rows["images"], args.precision, args.batch_size)  # a latent run edits its latents
+    # a latent run edits its latents: each input encoded once, then repeated like rows["images"]
+    init = run.to_latents(inputs.images, args.precision, args.batch_size).repeat_interleave(args.n, 0)
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
     results = sample_batches(denoiser, len(init), run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
                              device=run.device, progress=not args.no_progress, callback=callback, init=init,
@@ -233,17 +234,14 @@ def inpaint_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[
     images, cond = rows["images"], {k: v for k, v in rows.items() if k != "images"}
     regen = masks.repeat_interleave(args.n, 0)
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
-    if run.codec is None:
-        results = inpaint_batches(denoiser, images, regen, len(images), cfg, jump=args.jump, resample=args.resample,
-                                  seed=args.seed, batch_size=args.batch_size, device=run.device,
-                                  progress=not args.no_progress, callback=callback, **cond)
-    else:  # on the latents, then decoded with the input's own pixels put back outside the mask
-        latents = run.to_latents(images, args.precision, args.batch_size)
-        factor = size // run.image_shape[1]
-        results = inpaint_batches(denoiser, latents, downsample_mask(regen, factor), len(images), cfg, jump=args.jump,
-                                  resample=args.resample, seed=args.seed, batch_size=args.batch_size, device=run.device,
-                                  progress=not args.no_progress, callback=callback, **cond)
-        results = _decoded(run, results, args.precision, keep=regen, known=images)
+    # what the network denoises (a latent run's latents, each input encoded once) and the mask on its grid
+    # (factor 1 in pixel space); the decoded results get the input's own pixels back outside the mask
+    latents = run.to_latents(inputs.images, args.precision, args.batch_size).repeat_interleave(args.n, 0)
+    factor = size // run.image_shape[1]
+    results = inpaint_batches(denoiser, latents, downsample_mask(regen, factor), len(images), cfg, jump=args.jump,
+                              resample=args.resample, seed=args.seed, batch_size=args.batch_size, device=run.device,
+                              progress=not args.no_progress, callback=callback, **cond)
+    results = _decoded(run, results, args.precision, keep=regen, known=images)
     shown = torch.where(masks, torch.zeros(()), inputs.images)  # regenerated region shown mid-grey
     return results, shown, {
         "task": "inpaint", "mask": args.mask, "mask_kind": args.mask_kind, "jump": args.jump, "resample": args.resample,
