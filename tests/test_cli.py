@@ -213,6 +213,22 @@ def test_help_lists_every_command(capsys):
         assert capsys.readouterr().out.startswith(f"usage: difflab {name}"), name
 
 
+# The commands that never run a network: they read logs, masks or schedule tables, or convert weight files.
+NO_NETWORK = {"eval-seg", "noise", "curves", "import", "export"}
+
+
+def test_every_command_that_runs_a_network_takes_device(capsys):
+    """Issue 17: ``--device`` on every command (and ``gan`` subcommand) that runs a network."""
+    from difflab.cli import commands
+
+    for name in sorted(set(commands()) - NO_NETWORK):
+        argvs = [[name, sub, "--help"] for sub in ("train", "sample", "interpolate")] if name == "gan" else [[name, "--help"]]
+        for argv in argvs:
+            with pytest.raises(SystemExit):
+                main(argv)
+            assert "--device" in capsys.readouterr().out, argv
+
+
 def test_version(capsys):
     import difflab
 

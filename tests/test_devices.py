@@ -54,6 +54,7 @@ def test_noise_is_drawn_on_the_cpu_whatever_the_target_device():
     ["train", "--data", "fashion-mnist", "--out", "OUT", "--device", "cuda:0", "--max-steps", "1"],
     ["eval", "--fake", "RUN", "--real", "RUN", "--device", "cuda", "--metrics", "fid"],
     ["fid-stats", "RUN", "--device", "tpu"],
+    ["demo", "--out", "OUT", "--device", "cuda", "--minutes", "0"],
 ])
 def test_commands_refuse_a_missing_device_in_one_line(tmp_path, capsys, monkeypatch, argv):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

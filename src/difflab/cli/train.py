@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from difflab.cli.common import (
     Command,
+    add_device_option,
     add_training_controls,
     is_resuming,
     nonneg_float,
@@ -194,6 +195,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; replaced if it is a finished demo)")
     p.add_argument("--minutes", type=nonneg_float, default=5.0, help="training budget (default 5)")
     p.add_argument("--no-progress", action="store_true")
+    add_device_option(p)
 
 
 # A recipe for a few CPU minutes (chosen by looking at sample grids during short runs): the
@@ -209,12 +211,14 @@ def run_demo(args: argparse.Namespace) -> int:
     import shutil
 
     from difflab.config import resolve_config
+    from difflab.devices import resolve_device
     from difflab.io import atomic_write_json
     from difflab.runs import load_run
     from difflab.samplers import SamplerConfig, SamplerKind, sample
     from difflab.train import Trainer
     from difflab.visualize.images import save_grid
 
+    device = resolve_device(args.device)  # before anything is deleted: a missing GPU is a one-line error
     out = out_folder(args.out, "--out")
     if out.exists():
         if not (out / "demo.json").exists():
@@ -223,12 +227,13 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = resolve_config(preset="small", flags={"data.source": "fashion-mnist", "data.image_size": 28,
                                                 "train.minutes": args.minutes}, overrides=DEMO_OVERRIDES)
     print(f"difflab demo: training a {cfg.preset} UNet on Fashion-MNIST (28x28) for {args.minutes:g} minutes")
-    Trainer(cfg, out, progress=not args.no_progress).run()
-    run = load_run(out)
+    Trainer(cfg, out, progress=not args.no_progress, device=device).run()
+    run = load_run(out, device=device)
     # eta = 1: after minutes of training the deterministic ODE (eta = 0) drifts into saturated speckle,
     # while DDIM's stochastic form corrects the model's errors as it goes (compared on the same run).
     scfg = SamplerConfig(sampler=SamplerKind.DDIM, steps=50, eta=1.0)
-    imgs = sample(run.denoiser(), 64, run.image_shape, scfg, seed=0, progress=not args.no_progress)
+    imgs = sample(run.denoiser(), 64, run.image_shape, scfg, seed=0, device=run.device,
+                  progress=not args.no_progress)
     grid = save_grid(imgs, out / "demo-grid.png", nrow=8, scale=3)
     atomic_write_json(out / "demo.json", {"grid": str(grid), "step": run.step})
     print(f"run directory:  {out}  (config.json, checkpoints/, log.jsonl)")
