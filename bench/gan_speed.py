@@ -5,9 +5,10 @@
 Each variant makes the same number of images per timing (``--n``, in batches of ``--batch``), the
 variants interleaved (A B C A B C ...) for ``--rounds`` rounds; medians. Diffusion: DPM-Solver++(2M) at
 20 network calls (``--sampler``/``--steps`` to change) and the run's own sampler. GANs: one generator
-call (StyleGAN) or T (DDGAN). All in the same process, the same threads, bf16 autocast for the diffusion
-network where the machine has it (as `difflab sample` runs), the GANs in fp32 (as `difflab gan sample`).
-Last line: ``ddgan_over_dpmpp20=...`` (images/s ratio).
+call (StyleGAN) or T (DDGAN), each GAN in fp32 (``difflab gan sample``'s default) and in bf16 autocast
+(``--precision bf16``). All in the same process, the same threads, bf16 autocast for the diffusion
+network where the machine has it (as `difflab sample` runs).
+Last line: ``RUN_PRECISION_over_dpmpp20=...`` for every GAN run and precision (images/s ratio).
 """
 from __future__ import annotations
 
@@ -46,15 +47,16 @@ def main() -> None:
         den, args.n, run.image_shape, own, seed=0, batch_size=args.batch, progress=False)
     names = {}
     for path in args.gans.split(","):
-        gan = load_gan(path)
-        nfe = gan.config.schedule.timesteps if gan.config.kind.value == "ddgan" else 1
-        name = f"{gan.config.kind.value} ({nfe} NFE)"
-        names[gan.config.kind.value] = name
+        for precision in ("fp32", "bf16"):
+            gan = load_gan(path, precision=precision)
+            nfe = gan.config.schedule.timesteps if gan.config.kind.value == "ddgan" else 1
+            name = f"{Path(path).name}: {gan.config.kind.value} ({nfe} NFE), {precision}"
+            names[f"{Path(path).name}_{precision}"] = name
 
-        def run_gan(gan=gan) -> None:
-            for lo in range(0, args.n, args.batch):
-                generate(gan, range(lo, min(lo + args.batch, args.n)), seed=0)
-        variants[name] = run_gan
+            def run_gan(gan=gan) -> None:
+                for lo in range(0, args.n, args.batch):
+                    generate(gan, range(lo, min(lo + args.batch, args.n)), seed=0)
+            variants[name] = run_gan
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.no_grad():
         for f in variants.values():  # warm-up (oneDNN primitives, allocations)

@@ -2,6 +2,7 @@
 step; DiffAugment; per-image seeds; exact resume; divergence handling; the CLI end to end."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from difflab.data.dataset import ImageData
 from difflab.errors import DifflabError
 from difflab.gan import ddgan, diffaug, losses
 from difflab.gan.config import GANConfig, GANKind, GANNetConfig, resolve_gan_config
-from difflab.gan.sample import build_networks, generate
+from difflab.gan.sample import LoadedGAN, build_networks, generate
 from difflab.gan.stylegan import Discriminator, ModulatedConv2d, StyleGenerator, modulated_conv2d
 from difflab.gan.trainer import GANTrainer, TrainingCollapsed
 from difflab.schedule import NoiseSchedule, ScheduleConfig
@@ -156,6 +157,42 @@ def test_ddgan_sampling_makes_exactly_t_network_calls(steps):
     parts = torch.cat([generate((G, cfg), range(0, 1), seed=0), generate((G, cfg), range(1, 3), seed=0)])
     assert torch.allclose(imgs, parts, atol=1e-5)  # each image from its own seed, whatever the batch
 
+
+
+@pytest.mark.parametrize("kind", ["stylegan", "ddgan"])
+def test_bf16_sampling_autocasts_the_generator_calls_alone(kind):
+    """--precision bf16: every generator call runs under bf16 autocast, DDGAN's posterior steps do not
+    (they see float32 x0_hat), and the images stay float32 and close to the fp32 ones."""
+    cfg = tiny_cfg(kind, "schedule.timesteps=2")
+    G, _ = build_networks(cfg)
+    G.eval().requires_grad_(False)
+    dtypes = []
+    forward = G.forward
+
+    def recorded(*args, **kwargs):
+        dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return forward(*args, **kwargs)
+
+    G.forward = recorded
+    real_step = ddgan.posterior_step
+    seen_x0 = []
+
+    def step(schedule, x0, x_t, t, noise):
+        seen_x0.append((x0.dtype, torch.is_autocast_enabled("cpu")))
+        return real_step(schedule, x0, x_t, t, noise)
+
+    ddgan.posterior_step = step
+    try:
+        full = generate((G, cfg), range(3), seed=0)
+        half = generate(LoadedGAN(Path("."), cfg, G, None, 0, torch.bfloat16), range(3), seed=0)
+    finally:
+        ddgan.posterior_step = real_step
+    calls = 2 if kind == "ddgan" else 1
+    assert dtypes == [torch.float32] * calls + [torch.bfloat16] * calls
+    if kind == "ddgan":
+        assert seen_x0 == [(torch.float32, False)] * 4
+    assert half.dtype == torch.float32 and not torch.equal(full, half)
+    assert (full - half).abs().mean() < 0.05  # bf16 keeps ~3 significant digits
 
 # -- augmentation, generators, per-image seeds ------------------------------------------------------
 def test_diffaugment_is_differentiable_seeded_and_does_what_it_says():
@@ -316,6 +353,10 @@ def test_cli_trains_resumes_samples_interpolates_and_evaluates(tmp_path, capsys,
     assert sorted(p.name for p in images.iterdir()) == [f"{k}.jpg" for k in range(1, 6)]
     record = json.loads((tmp_path / "submission.sampling.json").read_text())
     assert record["n"] == 5 and record["step"] == 4 and record["nfe_per_image"] == (2 if kind == "ddgan" else 1)
+    assert record["precision"] == "fp32"
+    code, out, err = cli(capsys, "gan", "sample", "--run", run, "-n", 2, "--out", tmp_path / "half", "--precision", "bf16",
+                         "--no-progress")
+    assert code == 0 and json.loads((tmp_path / "half.sampling.json").read_text())["precision"] == "bf16", err
     code, out, err = cli(capsys, "gan", "interpolate", "--run", run, "--out", tmp_path / "strip.png", "--rows", 2,
                          "--frames", 5, "--scale", 1)
     assert code == 0, err

@@ -43,6 +43,7 @@ from difflab.devices import to_device
 from difflab.errors import ConfigError, parse_choice
 from difflab.losses import Weighting, per_example_loss
 from difflab.parametrization import LossConfig, NoiseLevel, Prediction, eps_from_x0, make_parametrization
+from difflab.precision import autocast_context
 from difflab.schedule import F64, NoiseSchedule, broadcast_to
 
 
@@ -127,7 +128,7 @@ class Denoiser:
 
     def _network(self, x_t: Tensor, lv: NoiseLevel, **cond: Any) -> Tensor:
         x_in, t_in = self.param.network_input(x_t, lv)
-        with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        with autocast_context(x_t.device, self.autocast):
             t_net = to_device(t_in, x_t.device, torch.float32)
             out = self.model(x_in.contiguous(memory_format=self.memory_format), t_net, **cond)
         return out.float()

@@ -29,6 +29,7 @@ from difflab.config import LatentConfig
 from difflab.data.dataset import to_float
 from difflab.errors import CheckpointError, ConfigError, OutputError
 from difflab.io import atomic_path, atomic_write_bytes, cache_dir
+from difflab.precision import autocast_context
 
 AE_DIR = "autoencoder"  # inside a latent run: the frozen autoencoder (config.json, ema.safetensors, report.json)
 CACHE_FORMAT = 1  # bump when encoding changes, so old cached latents are not reused
@@ -58,7 +59,7 @@ class LatentCodec:
         return (self.mean.to(like.device)[None, :, None, None], self.std.to(like.device)[None, :, None, None])
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+        return autocast_context(self.device, self.autocast)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

@@ -51,6 +51,12 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device``'s type, or a disabled one (plain fp32) when ``dtype`` is None."""
+    kind = device if isinstance(device, str) else device.type
+    return torch.autocast(kind, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
     """TF32 for fp32 matmuls and cuDNN convolutions on CUDA switched on or off inside the block (both

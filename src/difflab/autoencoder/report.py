@@ -19,6 +19,7 @@ from difflab.autoencoder.model import Autoencoder
 from difflab.data.dataset import to_float, to_uint8
 from difflab.devices import to_device
 from difflab.errors import DifflabWarning
+from difflab.precision import autocast_context
 
 FID_MIN_IMAGES = 50  # fewer held-out images than this make a meaningless FID
 
@@ -35,7 +36,7 @@ def _batches(images_uint8: Tensor, batch: int, device: torch.device | str | None
 
 def _autocast(device: torch.device | str | None, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return autocast_context(dev, dtype)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from difflab.data.dataset import ImageData, load_dataset, to_float
 from difflab.devices import resolve_device, to_device
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_bytes
-from difflab.precision import autocast_dtype, to_memory_format
+from difflab.precision import autocast_context, autocast_dtype, to_memory_format
 from difflab.samplers.noise import image_generators, randn
 from difflab.train.checkpoint import (
     CONFIG,
@@ -138,7 +138,7 @@ class AutoencoderTrainer(StepLoop):
         return to_device(x, self.device).contiguous(memory_format=self.memory_format), gens
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+        return autocast_context(self.device, self.autocast)
 
     # -- one step ---------------------------------------------------------------------------------
     def _step(self, x: torch.Tensor, gens: list[torch.Generator], sums: torch.Tensor) -> torch.Tensor:

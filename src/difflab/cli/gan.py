@@ -19,6 +19,7 @@ from difflab.cli.common import (
     add_format_options,
     add_training_controls,
     check_outputs,
+    choices,
     format_fields,
     is_resuming,
     nonneg_float,
@@ -91,12 +92,18 @@ def run_gan_train(args: argparse.Namespace) -> int:
 
 
 def _add_loading(p: argparse.ArgumentParser) -> None:
+    from difflab.gan.sample import SAMPLING_PRECISION
+    from difflab.precision import Precision
+
     p.add_argument("--run", required=True, help="a run directory made by `difflab gan train`")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw generator weights")
     p.add_argument("--truncation", type=nonneg_float, default=1.0, metavar="PSI",
                    help="stylegan: truncation psi, w -> w_avg + psi (w - w_avg); 1 = none (default), 0.7 = fewer failures, "
                         "less variety")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed, k): same seed, same images")
+    p.add_argument("--precision", default=SAMPLING_PRECISION.value, choices=choices(Precision),
+                   help=f"generator precision (default {SAMPLING_PRECISION.value}); auto = bf16 autocast where the "
+                        "CPU/GPU does bf16 natively")
     add_device_option(p)
 
 
@@ -123,7 +130,7 @@ def run_gan_sample(args: argparse.Namespace) -> int:
     from difflab.visualize.images import save_grid, save_numbered
 
     grid_file = check_outputs(args)
-    gan = load_gan(args.run, args.weights, args.device)
+    gan = load_gan(args.run, args.weights, args.device, args.precision)
     check_truncation(gan.config, args.truncation)
     out = Path(args.out).expanduser() if args.out else gan.path / "samples" / "images"
     kept: list[torch.Tensor] = []
@@ -136,7 +143,7 @@ def run_gan_sample(args: argparse.Namespace) -> int:
     cfg = gan.config
     record = write_record(out, {
         "run": str(gan.path), "step": gan.step, "n": args.n, "start": args.start, "seed": args.seed,
-        "weights": args.weights, "gan": cfg.kind.value, "truncation": args.truncation,
+        "weights": args.weights, "gan": cfg.kind.value, "truncation": args.truncation, "precision": args.precision,
         **format_fields(args),
         "nfe_per_image": cfg.steps, "seconds": seconds,
         **({"ddgan_steps": cfg.schedule.timesteps} if cfg.kind is GANKind.DDGAN else {}),
@@ -163,7 +170,7 @@ def run_gan_interpolate(args: argparse.Namespace) -> int:
     out = out_file(args.out, "--out", (".png", ".jpg", ".jpeg"))
     if args.frames < 2:
         raise ConfigError("--frames must be at least 2 (the two ends)")
-    gan = load_gan(args.run, args.weights, args.device)
+    gan = load_gan(args.run, args.weights, args.device, args.precision)
     strip = interpolation_strip(gan, seed=args.seed, rows=args.rows, frames=args.frames, truncation=args.truncation)
     save_grid(strip, out, nrow=args.frames, scale=args.scale)
     print(f"wrote {args.rows} interpolation(s) of {args.frames} images (images 2r -> 2r+1 of seed {args.seed}) to {out}")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from difflab.denoiser import Denoiser
 from difflab.errors import ConfigError, DataError
+from difflab.precision import autocast_context
 from difflab.samplers.base import Callback
 from difflab.samplers.run import SamplerConfig, sample_batches
 
@@ -82,7 +83,7 @@ def ce_logits(model: Callable[..., Tensor], images: Tensor, num_classes: int, *,
     n, _, h, w = images.shape
     x = torch.zeros((n, num_classes, h, w), device=images.device).contiguous(memory_format=memory_format)
     t = torch.zeros(n, device=images.device)
-    with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with autocast_context(images.device, autocast):
         out = model(x, t, lowres=images.contiguous(memory_format=memory_format))
     return out.float()
 

@@ -22,13 +22,18 @@ from tqdm.auto import tqdm
 
 from difflab.config import read_config_json
 from difflab.devices import resolve_device
-from difflab.errors import CheckpointError, ConfigError
+from difflab.errors import CheckpointError, ConfigError, parse_choice
 from difflab.gan import ddgan
 from difflab.gan.config import GANConfig, GANKind, is_gan_config
 from difflab.gan.stylegan import Discriminator, StyleGenerator
+from difflab.precision import Precision, autocast_context, autocast_dtype
 from difflab.samplers.noise import image_generators
 from difflab.schedule import NoiseSchedule
 from difflab.train.checkpoint import CONFIG, latest_checkpoint, load_weights, require_run
+
+# What ``difflab gan sample`` and ``load_gan`` run the generator in by default: the precision the FIDs
+# in BENCHMARKS.md ("The boss") were measured in.
+SAMPLING_PRECISION = Precision.FP32
 
 
 def build_networks(cfg: GANConfig) -> tuple[nn.Module, Discriminator]:
@@ -53,6 +58,7 @@ class LoadedGAN:
     generator: nn.Module
     schedule: NoiseSchedule | None
     step: int
+    autocast: torch.dtype | None = None  # the generator's autocast dtype; None: fp32
 
     @property
     def device(self) -> torch.device:
@@ -72,10 +78,15 @@ def read_gan_config(run_dir: str | os.PathLike[str], flag: str = "--run") -> GAN
     return GANConfig.from_dict(raw)
 
 
-def load_gan(run_dir: str | os.PathLike[str], weights: str = "ema", device: str | torch.device | None = None) -> LoadedGAN:
-    """The run's generator (``ema`` weights by default, or ``model``, the raw ones) at its latest checkpoint."""
+def load_gan(run_dir: str | os.PathLike[str], weights: str = "ema", device: str | torch.device | None = None,
+             precision: Precision | str = SAMPLING_PRECISION) -> LoadedGAN:
+    """The run's generator (``ema`` weights by default, or ``model``, the raw ones) at its latest checkpoint,
+    run in ``precision`` (fp32 by default; auto / bf16: the generator call under bf16 autocast, DDGAN's
+    posterior steps in fp32)."""
     if weights not in ("ema", "model"):
         raise ConfigError(f"--weights must be ema or model, got {weights!r}")
+    precision = parse_choice(Precision, precision, "--precision")
+    dev = resolve_device(device)
     cfg = read_gan_config(run_dir)
     run = Path(run_dir)
     ckpt = latest_checkpoint(run)
@@ -84,9 +95,9 @@ def load_gan(run_dir: str | os.PathLike[str], weights: str = "ema", device: str 
     with torch.random.fork_rng(devices=[]):
         gen, _ = build_networks(cfg)
     load_weights(gen, ckpt.tensors(weights), ckpt.path / f"{weights}.safetensors", run / CONFIG)
-    gen = gen.to(resolve_device(device)).eval().requires_grad_(False)
+    gen = gen.to(dev).eval().requires_grad_(False)
     schedule = NoiseSchedule(cfg.schedule) if cfg.kind is GANKind.DDGAN else None
-    return LoadedGAN(run, cfg, gen, schedule, int(ckpt.state["step"]))
+    return LoadedGAN(run, cfg, gen, schedule, int(ckpt.state["step"]), autocast_dtype(precision, dev))
 
 
 def latents(gen: nn.Module, cfg: GANConfig, gens: list[torch.Generator], device: torch.device) -> dict[str, Tensor]:
@@ -98,18 +109,27 @@ def latents(gen: nn.Module, cfg: GANConfig, gens: list[torch.Generator], device:
 
 
 @torch.no_grad()
-def render(gen: nn.Module, cfg: GANConfig, lat: dict[str, Tensor], truncation: float = 1.0) -> Tensor:
+def render(gen: nn.Module, cfg: GANConfig, lat: dict[str, Tensor], truncation: float = 1.0,
+           autocast: torch.dtype | None = None) -> Tensor:
+    """The images of the latents ``lat`` (float32); the generator calls run under ``autocast`` (None:
+    fp32), DDGAN's posterior steps in fp32."""
+    device = next(gen.parameters()).device
     if cfg.kind is GANKind.STYLEGAN:
-        return gen(psi=truncation, **lat)
-    return ddgan.render(gen, NoiseSchedule(cfg.schedule), lat)
+        with autocast_context(device, autocast):
+            return gen(psi=truncation, **lat).float()
+
+    def call(*args: Tensor) -> Tensor:
+        with autocast_context(device, autocast):
+            return gen(*args).float()
+    return ddgan.render(call, NoiseSchedule(cfg.schedule), lat)
 
 
 def generate(gan: LoadedGAN | tuple[nn.Module, GANConfig], indices: range | list[int], *, seed: int = 0,
              truncation: float = 1.0) -> Tensor:
     """Images ``indices`` of the sample set ``seed`` (floats, about [-1, 1]), on the generator's device."""
-    gen, cfg = (gan.generator, gan.config) if isinstance(gan, LoadedGAN) else gan
+    gen, cfg, dtype = (gan.generator, gan.config, gan.autocast) if isinstance(gan, LoadedGAN) else (*gan, None)
     device = next(gen.parameters()).device
-    return render(gen, cfg, latents(gen, cfg, image_generators(seed, list(indices)), device), truncation)
+    return render(gen, cfg, latents(gen, cfg, image_generators(seed, list(indices)), device), truncation, dtype)
 
 
 def sample_batches(gan: LoadedGAN, n: int, *, seed: int = 0, batch_size: int = 64, start: int = 0,
@@ -141,8 +161,9 @@ def interpolation_strip(gan: LoadedGAN, *, seed: int = 0, rows: int = 4, frames:
             assert isinstance(gen, StyleGenerator)
             ws = gen.ws(lat["z"], psi=truncation)
             w = torch.stack([ws[0].lerp(ws[1], f) for f in fracs])
-            out.append(gen.synthesis(w, [first[f"noise{i}"] for i in range(len(gen.noise_res))]))
+            with autocast_context(device, gan.autocast):
+                out.append(gen.synthesis(w, [first[f"noise{i}"] for i in range(len(gen.noise_res))]).float())
         else:
             moved = {k: torch.cat([ddgan.slerp(v[:1], v[1:], f) for f in fracs]) for k, v in lat.items() if k != "eps"}
-            out.append(render(gen, cfg, {**first, **moved}))
+            out.append(render(gen, cfg, {**first, **moved}, autocast=gan.autocast))
     return torch.cat(out).clamp(-1, 1).cpu()

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from difflab.errors import ConfigError
-from difflab.precision import Precision, autocast_dtype, to_memory_format
+from difflab.precision import Precision, autocast_context, autocast_dtype, to_memory_format
 
 __all__ = [
     "ClassifierConfig",
@@ -256,7 +256,7 @@ class TrainedClassifier:
         try:
             for s in range(0, images_u8.shape[0], batch_size):
                 x = _prepare(images_u8[s:s + batch_size].to(device), self.config)
-                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                with autocast_context(device, dtype):
                     logits = self.model(x.contiguous(memory_format=torch.channels_last))
                 out[s:s + batch_size] = torch.stack([z.float().argmax(dim=1) for z in logits], dim=1).cpu()
         finally:
@@ -365,7 +365,7 @@ def train_classifier(
                 y = labels[idx].to(dev)
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, total, config.lr)
-                with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                with autocast_context(dev, dtype):
                     logits = model(x)
                 loss = sum((F.cross_entropy(z.float(), y[:, a]) for a, z in enumerate(logits)), torch.zeros((), device=dev))
                 opt.zero_grad(set_to_none=True)
