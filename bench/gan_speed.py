@@ -5,9 +5,9 @@
 Each variant makes the same number of images per timing (``--n``, in batches of ``--batch``), the
 variants interleaved (A B C A B C ...) for ``--rounds`` rounds; medians. Diffusion: DPM-Solver++(2M) at
 20 network calls (``--sampler``/``--steps`` to change) and the run's own sampler. GANs: one generator
-call (StyleGAN) or T (DDGAN), each GAN in fp32 (``difflab gan sample``'s default) and in bf16 autocast
-(``--precision bf16``). All in the same process, the same threads, bf16 autocast for the diffusion
-network where the machine has it (as `difflab sample` runs).
+call (StyleGAN) or T (DDGAN), each GAN in fp32 (``--precision fp32``) and in bf16 autocast (``--precision
+bf16``, what ``difflab gan sample``'s default, auto, picks on this CPU). All in the same process, the
+same threads, bf16 autocast for the diffusion network where the machine has it (as `difflab sample` runs).
 Last line: ``RUN_PRECISION_over_dpmpp20=...`` for every GAN run and precision (images/s ratio).
 """
 from __future__ import annotations

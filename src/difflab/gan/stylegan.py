@@ -189,8 +189,8 @@ class StyleGenerator(nn.Module):
             w2 = self.mapping(z_mix)[:, None].expand(-1, self.num_ws, -1)
             layer = torch.arange(self.num_ws, device=z.device)
             w = torch.where((layer[None, :] >= mix_cutoff[:, None])[:, :, None], w2, w)
-        if psi != 1:
-            w = self.mapping.w_avg.lerp(w, psi)
+        if psi != 1:  # in w_avg's dtype: under autocast the mapping's output is bf16
+            w = self.mapping.w_avg.lerp(w.to(self.mapping.w_avg.dtype), psi)
         return w
 
     def synthesis(self, ws: Tensor, noise: Sequence[Tensor]) -> Tensor:
