@@ -7,7 +7,8 @@ does not depend on the batch size or the batch it lands in) and :func:`interpola
 
 StyleGAN: one network call per image; truncation psi pulls w toward its running mean (psi < 1: less
 variety, fewer failures). DDGAN: exactly T calls (T = the run's ``schedule.timesteps``); psi does not
-apply.
+apply. ``load_gan(..., precision=...)``: the generator calls under bf16 autocast where the hardware
+does bf16 natively (``auto``, the default) or in fp32; DDGAN's posterior steps always in fp32.
 """
 from __future__ import annotations
 
