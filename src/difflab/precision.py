@@ -51,9 +51,10 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
-def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to ``dtype`` on ``device``'s type, or a disabled one (plain fp32) when ``dtype`` is None."""
-    kind = device if isinstance(device, str) else device.type
+def autocast_context(device: torch.device | str | None, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device``'s type (None: the CPU), or a disabled one (plain fp32) when
+    ``dtype`` is None."""
+    kind = torch.device(device if device is not None else "cpu").type
     return torch.autocast(kind, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 

@@ -7,7 +7,6 @@ posterior mean as the latent (no sampling: the result depends on the weights alo
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -34,11 +33,6 @@ def _batches(images_uint8: Tensor, batch: int, device: torch.device | str | None
         yield to_device(to_float(images_uint8[s:s + batch]), dev).contiguous(memory_format=fmt)
 
 
-def _autocast(device: torch.device | str | None, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    return autocast_context(dev, dtype)
-
-
 @torch.no_grad()
 def latent_stats(ae: Autoencoder, images_uint8: Tensor, *, batch: int = 256, device: torch.device | str | None = None,
                  autocast: torch.dtype | None = None, channels_last: bool = False) -> tuple[list[float], list[float]]:
@@ -47,7 +41,7 @@ def latent_stats(ae: Autoencoder, images_uint8: Tensor, *, batch: int = 256, dev
     c = ae.cfg.latent_channels
     s1, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
     for x in _batches(images_uint8, batch, device, channels_last):
-        with _autocast(device, autocast):
+        with autocast_context(device, autocast):
             mean, _ = ae.encode(x)
         m = mean.double().cpu().transpose(0, 1).reshape(c, -1)
         s1 += m.sum(1)
@@ -66,7 +60,7 @@ def reconstruct(ae: Autoencoder, images_uint8: Tensor, *, batch: int = 256, devi
     """decode(posterior mean of encode(x)) of each image, as uint8 (rounded, clamped), on the CPU."""
     out = []
     for x in _batches(images_uint8, batch, device, channels_last):
-        with _autocast(device, autocast):
+        with autocast_context(device, autocast):
             mean, _ = ae.encode(x)
             out.append(to_uint8(ae.decode(mean)).cpu())
     return torch.cat(out) if out else torch.empty_like(images_uint8)

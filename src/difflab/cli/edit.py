@@ -183,6 +183,12 @@ def run_edit(args: argparse.Namespace) -> int:
     return _finish(args, run, inputs, reqs, out, grid_file, results, shown, record, "edits")
 
 
+def _network_inputs(run: Any, inputs: Any, args: argparse.Namespace) -> Any:
+    """The inputs as the network denoises them (a latent run's latents), each encoded once and then
+    repeated ``-n`` times, like ``rows["images"]``."""
+    return run.to_latents(inputs.images, args.precision, args.batch_size).repeat_interleave(args.n, 0)
+
+
 def edit_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[str, Any], callback: Callback = None) -> Results:
     """``difflab edit``'s results (SDEdit at ``--strength``) for :func:`prepare_inputs`'s inputs and rows."""
     from difflab.config import to_dict
@@ -191,8 +197,7 @@ def edit_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[str
     cfg = sampler_config(args, run.config.sampler)
     grid = make_grid(run.schedule, cfg, args.strength)  # a bad --steps fails here, before any work
     cond = {k: v for k, v in rows.items() if k != "images"}
-    # a latent run edits its latents: each input encoded once, then repeated like rows["images"]
-    init = run.to_latents(inputs.images, args.precision, args.batch_size).repeat_interleave(args.n, 0)
+    init = _network_inputs(run, inputs, args)  # a latent run edits its latents
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
     results = sample_batches(denoiser, len(init), run.image_shape, cfg, seed=args.seed, batch_size=args.batch_size,
                              device=run.device, progress=not args.no_progress, callback=callback, init=init,
@@ -234,9 +239,9 @@ def inpaint_results(args: argparse.Namespace, run: Any, inputs: Any, rows: dict[
     images, cond = rows["images"], {k: v for k, v in rows.items() if k != "images"}
     regen = masks.repeat_interleave(args.n, 0)
     denoiser = run.denoiser(args.clip, args.precision, guidance=args.guidance, guidance_interval=args.guidance_interval)
-    # what the network denoises (a latent run's latents, each input encoded once) and the mask on its grid
-    # (factor 1 in pixel space); the decoded results get the input's own pixels back outside the mask
-    latents = run.to_latents(inputs.images, args.precision, args.batch_size).repeat_interleave(args.n, 0)
+    # the mask on the network's grid (factor 1 in pixel space); the decoded results get the input's own
+    # pixels back outside the mask
+    latents = _network_inputs(run, inputs, args)
     factor = size // run.image_shape[1]
     results = inpaint_batches(denoiser, latents, downsample_mask(regen, factor), len(images), cfg, jump=args.jump,
                               resample=args.resample, seed=args.seed, batch_size=args.batch_size, device=run.device,

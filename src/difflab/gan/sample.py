@@ -13,9 +13,10 @@ does bf16 natively (``auto``, the default) or in fp32; DDGAN's posterior steps a
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -111,19 +112,22 @@ def latents(gen: nn.Module, cfg: GANConfig, gens: list[torch.Generator], device:
     return ddgan.draw_latents(gens, cfg.image_shape, cfg.net.z_dim, cfg.steps, device)
 
 
+def autocast_call(fn: Callable[..., Tensor], device: torch.device, autocast: torch.dtype | None) -> Callable[..., Tensor]:
+    """``fn`` run under ``autocast`` (None: fp32), its output back in float32."""
+    def call(*args: Any, **kwargs: Any) -> Tensor:
+        with autocast_context(device, autocast):
+            return fn(*args, **kwargs).float()
+    return call
+
+
 @torch.no_grad()
 def render(gen: nn.Module, cfg: GANConfig, lat: dict[str, Tensor], truncation: float = 1.0,
            autocast: torch.dtype | None = None) -> Tensor:
     """The images of the latents ``lat`` (float32); the generator calls run under ``autocast`` (None:
     fp32), DDGAN's posterior steps in fp32."""
-    device = next(gen.parameters()).device
+    call = autocast_call(gen, next(gen.parameters()).device, autocast)
     if cfg.kind is GANKind.STYLEGAN:
-        with autocast_context(device, autocast):
-            return gen(psi=truncation, **lat).float()
-
-    def call(*args: Tensor) -> Tensor:
-        with autocast_context(device, autocast):
-            return gen(*args).float()
+        return call(psi=truncation, **lat)
     return ddgan.render(call, NoiseSchedule(cfg.schedule), lat)
 
 
@@ -164,8 +168,8 @@ def interpolation_strip(gan: LoadedGAN, *, seed: int = 0, rows: int = 4, frames:
             assert isinstance(gen, StyleGenerator)
             ws = gen.ws(lat["z"], psi=truncation)
             w = torch.stack([ws[0].lerp(ws[1], f) for f in fracs])
-            with autocast_context(device, gan.autocast):
-                out.append(gen.synthesis(w, [first[f"noise{i}"] for i in range(len(gen.noise_res))]).float())
+            synthesis = autocast_call(gen.synthesis, device, gan.autocast)
+            out.append(synthesis(w, [first[f"noise{i}"] for i in range(len(gen.noise_res))]))
         else:
             moved = {k: torch.cat([ddgan.slerp(v[:1], v[1:], f) for f in fracs]) for k, v in lat.items() if k != "eps"}
             out.append(render(gen, cfg, {**first, **moved}, autocast=gan.autocast))
